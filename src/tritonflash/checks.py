@@ -1,0 +1,159 @@
+"""Input validation and normalisation, shared by the public functions and the autograd
+classes (users of the original module call ``FlashAttnFunc.apply`` directly, so both entry
+points must validate). Raises before any kernel launch; messages name the argument, what was
+expected and what was received."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .bias import bias_broadcast_shape
+
+_QKV_DTYPES = (torch.float16, torch.bfloat16)
+_BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEADDIM = 256
+
+
+@dataclass
+class Inputs:
+    """Validated inputs, normalised for the kernels and the reference."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None  # rank-4 view of the user's bias
+    bias_shape: tuple | None  # the user's bias shape (the shape of its gradient)
+    causal: bool
+    softmax_scale: float
+    alibi_slopes: torch.Tensor | None  # (1 or batch, nheads) fp32
+    key_padding_mask: torch.Tensor | None  # (batch, seqlen_k) bool
+
+
+def _tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _last_dim_unit(x):
+    # Kernels read the head dim as contiguous vectors; a strided last dim is copied once.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_qkv(q, k, v):
+    """Validate q (b, sq, h, d) and k, v (b, sk, h_k, d)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+        if x.dtype not in _QKV_DTYPES:
+            raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}; cast with {name}.to(torch.bfloat16)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k and v must have q's batch size {batch}, got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k and v must have q's head dim {head_dim}, got {k.shape[3]}")
+    if not 1 <= head_dim <= MAX_HEADDIM:
+        raise ValueError(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
+    if seqlen_q < 1 or k.shape[1] < 1:
+        raise ValueError(f"seqlen_q and seqlen_k must be >= 1, got {seqlen_q} and {k.shape[1]}")
+    nheads_k = k.shape[2]
+    if nheads_k < 1 or nheads % nheads_k != 0:
+        raise ValueError(
+            f"q's nheads ({nheads}) must be a multiple of k/v's nheads ({nheads_k}) "
+            "(grouped-query attention); got k/v with shape " + str(tuple(k.shape))
+        )
+
+
+def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> Inputs:
+    """Validate the optional arguments against q (b, sq, h, d) and k (b, sk, h_k, d)."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    bias4, bias_shape = None, None
+    if bias is not None:
+        _tensor("bias", bias)
+        if bias.dtype not in _BIAS_DTYPES:
+            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"bias must be on q's device {q.device}, got {bias.device}")
+        shape4 = bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, seqlen_k)
+        if shape4 is None:
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_k) = "
+                f"({batch}, {nheads}, {seqlen_q}, {seqlen_k}); use e.g. (1, {nheads}, 1, {seqlen_k}) or "
+                f"({batch}, 1, 1, {seqlen_k})"
+            )
+        bias_shape = tuple(bias.shape)
+        bias4 = bias[(None,) * (4 - bias.dim())]
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    slopes = None
+    if alibi_slopes is not None:
+        _tensor("alibi_slopes", alibi_slopes)
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+            raise ValueError(
+                f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
+            )
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
+    kpm = None
+    if key_padding_mask is not None:
+        _tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+        if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        kpm = key_padding_mask
+    return Inputs(
+        q=_last_dim_unit(q),
+        k=None,
+        v=None,
+        bias=bias4,
+        bias_shape=bias_shape,
+        causal=causal,
+        softmax_scale=float(softmax_scale),
+        alibi_slopes=slopes,
+        key_padding_mask=kpm,
+    )
+
+
+def prepare(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
+    check_qkv(q, k, v)
+    inputs = check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
+    inputs.k = _last_dim_unit(k)
+    inputs.v = _last_dim_unit(v)
+    return inputs
+
+
+def unpack_qkv(qkv):
+    _tensor("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    return qkv.unbind(2)
+
+
+def unpack_kv(kv):
+    _tensor("kv", kv)
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    return kv.unbind(2)

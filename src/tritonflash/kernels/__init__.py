@@ -1,0 +1,6 @@
+"""Triton kernels and their launchers. Nothing here validates user input."""
+
+from .backward import attn_bwd
+from .forward import attn_fwd
+
+__all__ = ["attn_fwd", "attn_bwd"]

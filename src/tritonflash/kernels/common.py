@@ -1,0 +1,166 @@
+"""Shared ``@triton.jit`` helpers: the score modification (scale, bias, ALiBi, masks) and
+the tensor-core product, used by the forward and both backward kernels.
+
+Scores are kept in log2 units (the natural-log score times log2(e)) so that the softmax
+uses ``exp2``; the launchers fold log2(e) into ``qk_scale`` and into the ALiBi slope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import INTERPRET
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+    # Triton 3.6's interpreter multiplies the raw uint16 bits of bf16 operands, so under
+    # the interpreter bf16 operands are upcast (exact: a bf16 product fits in fp32).
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _ptr_offset(rows, cols, strides):
+    """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair."""
+    return rows * strides[0] + cols * strides[1]
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a tile, masking rows >= n_rows and/or cols >= n_cols (read as 0) only when asked."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows < n_rows, other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=cols < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _score(
+    qk,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    bias_ptr,
+    stride_bias,
+    slope,
+    kpm_ptr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_ROW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_N: tl.constexpr,
+):
+    """Scores in log2 units, -inf where a key is not visible.
+
+    ``offs_m`` and ``offs_n`` broadcast against ``qk``: ([M, 1], [1, N]) for a [M, N] tile
+    or ([1, M], [N, 1]) for the transposed tile of the dK/dV pass. ``bias_ptr`` points at
+    this (batch, head)'s bias; ``stride_bias`` is its (row, col) stride pair; a bias with
+    no row dimension (``BIAS_ROW=False``) is loaded as one vector per key block.
+    ``slope`` is the ALiBi slope already multiplied by -log2(e).
+    """
+    s = qk * qk_scale
+    if HAS_BIAS:
+        if BIAS_ROW:
+            mask_b = (offs_m < seqlen_q) & (offs_n < seqlen_k)
+            bias = tl.load(bias_ptr + _ptr_offset(offs_m, offs_n, stride_bias), mask=mask_b, other=0.0)
+        else:
+            bias = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
+        s += bias.to(tl.float32) * LOG2E
+    if HAS_ALIBI:
+        dist = tl.abs(offs_m + (seqlen_k - seqlen_q) - offs_n).to(tl.float32)
+        s += slope * dist
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + offs_n, mask=offs_n < seqlen_k, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_CAUSAL:
+        s = tl.where(offs_n <= offs_m + (seqlen_k - seqlen_q), s, float("-inf"))
+    if MASK_N:
+        s = tl.where(offs_n < seqlen_k, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _causal_split(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range of a query block: ``[0, split)`` needs no mask, ``[split, hi)`` does.
+
+    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+    ``split`` is a multiple of BLOCK_N; the partial last key block is always in the
+    masked range.
+    """
+    full_n = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        diag = start_m * BLOCK_M + seqlen_k - seqlen_q
+        hi = tl.minimum(tl.maximum(diag + BLOCK_M, 0), seqlen_k)
+        split = tl.minimum((tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N, full_n)
+        split = tl.minimum(split, hi)
+    else:
+        hi = seqlen_k
+        split = full_n
+    return split, hi
+
+
+@dataclass
+class LaunchMeta:
+    """Optional inputs turned into kernel arguments: tensors (or None), stride tuples and the
+    boolean constexprs that select the kernel variant."""
+
+    bias: torch.Tensor | None
+    stride_bias: tuple
+    slopes: torch.Tensor | None
+    stride_slopes: tuple
+    kpm: torch.Tensor | None
+    stride_kpm: tuple
+    constexprs: dict
+
+
+def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> LaunchMeta:
+    """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
+    (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    stride_bias = (0, 0, 0, 0)
+    bias_row = False
+    if bias is not None:
+        stride_bias = tuple(st if sz > 1 else 0 for st, sz in zip(bias.stride(), bias.shape))
+        bias_row = stride_bias[2] != 0
+    stride_slopes = (0, 0)
+    if alibi_slopes is not None:
+        stride_slopes = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
+    stride_kpm = (key_padding_mask.stride(0),) if key_padding_mask is not None else (0,)
+    return LaunchMeta(
+        bias=bias,
+        stride_bias=stride_bias,
+        slopes=alibi_slopes,
+        stride_slopes=stride_slopes,
+        kpm=key_padding_mask,
+        stride_kpm=stride_kpm,
+        constexprs=dict(
+            BLOCK_D=block_d,
+            EVEN_D=head_dim == block_d,
+            CAUSAL=bool(causal),
+            HAS_BIAS=bias is not None,
+            BIAS_ROW=bias_row,
+            HAS_ALIBI=alibi_slopes is not None,
+            HAS_KPM=key_padding_mask is not None,
+            UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+        ),
+    )

@@ -1,0 +1,103 @@
+"""Tile, warp and pipeline choices per kernel.
+
+Autotune keys are coarse and explicit (head-dim tile, causal, bias kind, dtype); sequence
+lengths never enter them. Under the interpreter (CPU tier) one small config is pinned: it
+gives the same answers and keeps the tier fast. ``TRITONFLASH_AUTOTUNE=0`` pins the first
+(default) config on GPU too, so that tests compile each kernel variant once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "1") == "1" and not INTERPRET
+
+# The autotuner also appends the dtype of every tensor argument to the key.
+FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM"]
+BWD_KEY = FWD_KEY + ["DBIAS_KIND"]
+
+
+def _cfg(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Interpreter: small tiles so that the odd CPU-tier shapes cross several blocks.
+INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+
+# Candidates, the default first. Listed for Hopper (sm90, 228 KB shared memory per SM).
+FWD_CONFIGS = [
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 3),
+    _cfg(128, 64, 4, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 32, 4, 2),
+]
+BWD_DKDV_CONFIGS = [
+    _cfg(64, 128, 8, 2),
+    _cfg(32, 128, 4, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(32, 64, 4, 2),
+]
+BWD_DQ_CONFIGS = [
+    _cfg(128, 64, 8, 2),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 128, 8, 2),
+    _cfg(32, 64, 4, 2),
+]
+
+
+def _smem_bytes(cfg, block_d, n_tiles_m, n_tiles_n):
+    """Rough shared memory of the pipelined loads: operand tiles times stages, 2 bytes each."""
+    m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return 2 * block_d * (n_tiles_m * m + n_tiles_n * n) * max(cfg.num_stages, 1)
+
+
+def _prune(configs, args, n_tiles_m, n_tiles_n):
+    block_d = args["BLOCK_D"]
+    # Reason: tiles whose pipelined operands exceed ~200 KB fail to compile on sm90, and
+    # tiles larger than 64x64 at head dim 256 spill registers.
+    kept = [c for c in configs if _smem_bytes(c, block_d, n_tiles_m, n_tiles_n) <= 200_000]
+    if block_d >= 256:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or [configs[-1]]
+
+
+def prune_fwd(configs, nargs, **kwargs):
+    # The forward keeps K and V tiles in flight (Q is loaded once).
+    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=0, n_tiles_n=2)
+
+
+def prune_bwd_dkdv(configs, nargs, **kwargs):
+    # dK/dV streams Q and dO tiles.
+    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=2, n_tiles_n=0)
+
+
+def prune_bwd_dq(configs, nargs, **kwargs):
+    # dQ streams K and V tiles.
+    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=0, n_tiles_n=2)
+
+
+class Launcher:
+    """Launches one jit kernel either autotuned over ``candidates`` or with the first
+    candidate that survives ``prune`` (the interpreter's pinned config under TRITON_INTERPRET)."""
+
+    def __init__(self, kernel, candidates, key, prune):
+        self.kernel = kernel
+        self.candidates = candidates
+        self.prune = prune
+        self.tuned = triton.autotune(configs=candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel) if AUTOTUNE else None
+
+    def config(self, kwargs):
+        if INTERPRET:
+            return INTERPRET_CONFIG
+        return self.prune(self.candidates, {}, **kwargs)[0]
+
+    def __call__(self, grid, **kwargs):
+        if self.tuned is not None:
+            return self.tuned[grid](**kwargs)
+        cfg = self.config(kwargs)
+        meta = {**kwargs, **cfg.kwargs}
+        return self.kernel[grid(meta)](**kwargs, **cfg.all_kwargs())

@@ -1,0 +1,73 @@
+"""Shared test helpers: input factories and the tolerance rule of TESTING.md."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonflash import attention_ref
+
+FWD_FACTOR = 2
+GRAD_FACTOR = 3
+
+
+def assert_close_to_ref(name, x, x_ref, x_pt, factor):
+    """err(x, x_ref) <= factor * err(x_pt, x_ref) + floor, floor = 2 rounding steps of x's dtype.
+
+    x_ref: fp32 oracle; x_pt: the reference in the kernel's own precision."""
+    assert x.shape == x_ref.shape, f"{name}: shape {tuple(x.shape)} != reference {tuple(x_ref.shape)}"
+    assert torch.isfinite(x).all() or not torch.isfinite(x_ref).all(), f"{name}: non-finite values in the kernel output"
+    xr = x_ref.float()
+    # -inf entries (lse of dead rows) must match exactly; compare the rest.
+    inf_ref = torch.isinf(xr)
+    assert torch.equal(torch.isinf(x.float()), inf_ref), f"{name}: infinite entries differ from the reference"
+    assert torch.equal(x.float()[inf_ref], xr[inf_ref]), f"{name}: infinite entries differ in sign"
+    assert not torch.isnan(x).any(), f"{name}: NaN in the kernel output"
+    fin = ~inf_ref
+    xf, xpf, xrf = x.float()[fin], x_pt.float()[fin], xr[fin]
+    if xf.numel() == 0:
+        return
+    err = (xf - xrf).abs().max().item()
+    err_pt = (xpf - xrf).abs().max().item()
+    rounded = (x_ref[fin].to(x.dtype) + 0.3 - 0.3).float()
+    floor = 2 * (rounded - xrf).abs().max().item()
+    budget = factor * err_pt + floor
+    assert err <= budget, (
+        f"{name}: max error {err:.3e} > budget {budget:.3e} "
+        f"({factor} x reference error {err_pt:.3e} + floor {floor:.3e})"
+    )
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, device, nheads_k=None, requires_grad=True):
+    nheads_k = nheads if nheads_k is None else nheads_k
+    q = torch.randn(batch, seqlen_q, nheads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, seqlen_k, nheads_k, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, seqlen_k, nheads_k, head_dim, dtype=dtype, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def grads(out, inputs, dout):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    gs = torch.autograd.grad(out, wanted, dout, allow_unused=False)
+    return dict(zip([id(t) for t in wanted], gs))
+
+
+def check_against_reference(fn_out, q, k, v, dout, *, bias=None, causal=False, softmax_scale=None,
+                            alibi_slopes=None, key_padding_mask=None, lse=None, check_grads=True):
+    """Compare a kernel's out (and lse, and gradients of q, k, v, bias) with the rule."""
+    kwargs = dict(alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask, return_lse=True)
+    out_ref, lse_ref = attention_ref(q, k, v, bias, causal, softmax_scale, upcast=True, **kwargs)
+    out_pt, lse_pt = attention_ref(q, k, v, bias, causal, softmax_scale, upcast=False, reorder_ops=True, **kwargs)
+    assert_close_to_ref("out", fn_out, out_ref, out_pt, FWD_FACTOR)
+    if lse is not None:
+        assert_close_to_ref("lse", lse, lse_ref, lse_pt, FWD_FACTOR)
+    if not check_grads:
+        return
+    inputs = [("dq", q), ("dk", k), ("dv", v), ("dbias", bias)]
+    inputs = [(n, t) for n, t in inputs if t is not None and t.requires_grad]
+    tensors = [t for _, t in inputs]
+    g = torch.autograd.grad(fn_out, tensors, dout, retain_graph=True)
+    g_ref = torch.autograd.grad(out_ref, tensors, dout, retain_graph=True)
+    g_pt = torch.autograd.grad(out_pt, tensors, dout, retain_graph=True)
+    for (name, t), a, r, p in zip(inputs, g, g_ref, g_pt):
+        assert a.shape == t.shape and a.dtype == t.dtype, f"{name}: got {tuple(a.shape)} {a.dtype}, want {tuple(t.shape)} {t.dtype}"
+        assert_close_to_ref(name, a, r, p, GRAD_FACTOR)
