@@ -6,7 +6,12 @@ import math
 
 import torch
 
-__all__ = ["gen_slopes", "build_alibi_bias", "bias_broadcast_shape", "alibi_slopes_to_bias"]
+# Bias entries at or below this count as -inf (masked). Only finfo.min-style masks of fp32 and
+# bf16 reach it; such scores cannot be told apart in log2 space, so a row masked that way is
+# a row with no visible key (output 0, lse -inf), in the kernels and the reference alike.
+MASKED_BIAS = -2.3e38
+
+__all__ = ["MASKED_BIAS", "gen_slopes", "build_alibi_bias", "bias_broadcast_shape", "alibi_slopes_to_bias"]
 
 
 def gen_slopes(n_heads: int, alibi_bias_max: int = 8, device=None) -> torch.Tensor:

@@ -6,6 +6,7 @@ expected and what was received."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,15 @@ class Inputs:
     key_padding_mask: torch.Tensor | None  # (batch, seqlen_k) bool
 
 
+def _type_name(x):
+    # Qualified outside builtins: numpy.bool would otherwise read as "bool".
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _tensor(name, x):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(x)}")
 
 
 def _last_dim_unit(x):
@@ -62,7 +69,7 @@ def check_qkv(q, k, v):
     if k.shape[3] != head_dim:
         raise ValueError(f"k and v must have q's head dim {head_dim}, got {k.shape[3]}")
     if not 1 <= head_dim <= MAX_HEADDIM:
-        raise ValueError(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
+        raise ValueError(f"head dim (last dim of q, k and v) must be between 1 and {MAX_HEADDIM}, got {head_dim}")
     if seqlen_q < 1 or k.shape[1] < 1:
         raise ValueError(f"seqlen_q and seqlen_k must be >= 1, got {seqlen_q} and {k.shape[1]}")
     nheads_k = k.shape[2]
@@ -94,10 +101,13 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
         bias_shape = tuple(bias.shape)
         bias4 = bias[(None,) * (4 - bias.dim())]
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {_type_name(causal)}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        # bool is an int: a misplaced causal flag would silently become scale 0 or 1.
+        raise TypeError(f"softmax_scale must be a float or None, got {_type_name(softmax_scale)}")
+    elif not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
     slopes = None
     if alibi_slopes is not None:
@@ -149,6 +159,8 @@ def unpack_qkv(qkv):
     _tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    if qkv.dtype not in _QKV_DTYPES:
+        raise TypeError(f"qkv must be float16 or bfloat16, got {qkv.dtype}; cast with qkv.to(torch.bfloat16)")
     return qkv.unbind(2)
 
 
@@ -156,4 +168,6 @@ def unpack_kv(kv):
     _tensor("kv", kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    if kv.dtype not in _QKV_DTYPES:
+        raise TypeError(f"kv must be float16 or bfloat16, got {kv.dtype}; cast with kv.to(torch.bfloat16)")
     return kv.unbind(2)

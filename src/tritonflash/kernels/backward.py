@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LOG2E, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
 from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq
 
 # DBIAS_KIND values: which pass writes the bias gradient.
@@ -100,7 +100,7 @@ def _attn_bwd_dkdv_inner(
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     DBIAS_COLS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi).
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed."""
@@ -116,17 +116,17 @@ def _attn_bwd_dkdv_inner(
             offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q)
-        qk_t = _dot(k, tl.trans(q), None, UPCAST_DOT)  # [BLOCK_N, BLOCK_M]
+        qk_t = _dot(k, tl.trans(q), None, INTERP_BF16)  # [BLOCK_N, BLOCK_M]
         s_t = _score(
             qk_t, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale,
             bias_ptr, stride_bias, slope, kpm_ptr,
             HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, False,
         )
         p_t = tl.math.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
-        dv = _dot(p_t.to(do.dtype), do, dv, UPCAST_DOT)
-        dp_t = _dot(v, tl.trans(do), None, UPCAST_DOT)  # [BLOCK_N, BLOCK_M]
+        dv = _dot(_cast(p_t, do.dtype, INTERP_BF16), do, dv, INTERP_BF16)
+        dp_t = _dot(v, tl.trans(do), None, INTERP_BF16)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST_DOT)
+        dk = _dot(_cast(ds_t, q.dtype, INTERP_BF16), q, dk, INTERP_BF16)
         if DBIAS_COLS:
             dbias_cols += tl.sum(ds_t, 1)
     return dk, dv, dbias_cols
@@ -174,7 +174,7 @@ def _attn_bwd_dkdv(
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
     DBIAS_KIND: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_n = tl.program_id(0)
@@ -230,13 +230,13 @@ def _attn_bwd_dkdv(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, lo, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 1, UPCAST_DOT,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 1, INTERP_BF16,
         )
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, split, end_m, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_KIND == 1, UPCAST_DOT,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_KIND == 1, INTERP_BF16,
         )
         if DBIAS_KIND == 1:
             dbias_ptr = DBias + off_b * stride_dbias[0] + off_h * stride_dbias[1]
@@ -244,9 +244,9 @@ def _attn_bwd_dkdv(
 
     mask_kv = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
     dk_ptr = DK + off_b * stride_dk[0] + off_hk * stride_dk[2]
-    tl.store(dk_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dk[1], stride_dk[3])), (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_kv)
+    tl.store(dk_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dk[1], stride_dk[3])), _cast(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=mask_kv)
     dv_ptr = DV + off_b * stride_dv[0] + off_hk * stride_dv[2]
-    tl.store(dv_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dv[1], stride_dv[3])), dv.to(DV.dtype.element_ty), mask=mask_kv)
+    tl.store(dv_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dv[1], stride_dv[3])), _cast(dv, DV.dtype.element_ty, INTERP_BF16), mask=mask_kv)
 
 
 @triton.jit
@@ -283,7 +283,7 @@ def _attn_bwd_dq_inner(
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     DBIAS_FULL: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi) (and write dS tiles)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -297,16 +297,16 @@ def _attn_bwd_dq_inner(
             v_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_v),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
-        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)  # [BLOCK_M, BLOCK_N]
+        qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
             qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale,
             bias_ptr, stride_bias, slope, kpm_ptr,
             HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, MASK,
         )
         p = tl.math.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), None, UPCAST_DOT)  # [BLOCK_M, BLOCK_N]
+        dp = _dot(do, tl.trans(v), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT)
+        dq = _dot(_cast(ds, k.dtype, INTERP_BF16), k, dq, INTERP_BF16)
         if DBIAS_FULL:
             mask_s = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
             tl.store(dbias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_dbias), ds, mask=mask_s)
@@ -353,7 +353,7 @@ def _attn_bwd_dq(
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
     DBIAS_KIND: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_m = tl.program_id(0)
@@ -404,16 +404,16 @@ def _attn_bwd_dq(
         dq, q, do, lse, delta, k_ptr, v_ptr, bias_ptr, dbias_ptr, kpm_ptr,
         (stride_k[1], stride_k[3]), (stride_v[1], stride_v[3]), bias_rc, (stride_dbias[2], stride_dbias[3]), slope,
         offs_m, offs_d, 0, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_KIND == 2, UPCAST_DOT,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_KIND == 2, INTERP_BF16,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptr, v_ptr, bias_ptr, dbias_ptr, kpm_ptr,
         (stride_k[1], stride_k[3]), (stride_v[1], stride_v[3]), bias_rc, (stride_dbias[2], stride_dbias[3]), slope,
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 2, UPCAST_DOT,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 2, INTERP_BF16,
     )
     dq_ptr = DQ + off_b * stride_dq[0] + off_h * stride_dq[2]
-    tl.store(dq_ptr + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3])), (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < seqlen_q) & (cols < head_dim))
+    tl.store(dq_ptr + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3])), _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
 
 
 _launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv)

@@ -13,20 +13,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ..bias import MASKED_BIAS as _MASKED_BIAS
 from .configs import INTERPRET
 
 LOG2E: tl.constexpr = 1.4426950408889634
+MASKED_BIAS: tl.constexpr = _MASKED_BIAS
 LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+def _dot(a, b, acc, INTERP_BF16: tl.constexpr):
     # Triton 3.6's interpreter multiplies the raw uint16 bits of bf16 operands, so under
     # the interpreter bf16 operands are upcast (exact: a bf16 product fits in fp32).
-    if UPCAST_DOT:
+    if INTERP_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    # Triton 3.6's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even;
+    # round by hand there so both give the same bits (finite values).
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -85,7 +99,10 @@ def _score(
             bias = tl.load(bias_ptr + _ptr_offset(offs_m, offs_n, stride_bias), mask=mask_b, other=0.0)
         else:
             bias = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
-        s += bias.to(tl.float32) * LOG2E
+        bias = bias.to(tl.float32)
+        # finfo.min-style masks count as -inf (bias.MASKED_BIAS): times log2(e) they would
+        # overflow anyway, and a row of them cannot be recomputed from its LSE.
+        s += tl.where(bias > MASKED_BIAS, bias * LOG2E, float("-inf"))
     if HAS_ALIBI:
         dist = tl.abs(offs_m + (seqlen_k - seqlen_q) - offs_n).to(tl.float32)
         s += slope * dist
@@ -161,6 +178,6 @@ def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> La
             BIAS_ROW=bias_row,
             HAS_ALIBI=alibi_slopes is not None,
             HAS_KPM=key_padding_mask is not None,
-            UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+            INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
         ),
     )

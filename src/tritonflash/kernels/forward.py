@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LN2, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
 from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd
 
 
@@ -41,7 +41,7 @@ def _attn_fwd_inner(
     HAS_KPM: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """Online-softmax step over key blocks [lo, hi). ``MASK`` selects the diagonal / tail
     variant that applies the causal and key-bound masks; the off-band blocks skip them."""
@@ -52,7 +52,7 @@ def _attn_fwd_inner(
             k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
-        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)  # [BLOCK_M, BLOCK_N]
+        qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
             qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale,
             bias_ptr, stride_bias, slope, kpm_ptr,
@@ -70,7 +70,7 @@ def _attn_fwd_inner(
             v_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_v),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
-        acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)  # [BLOCK_M, BLOCK_D]
+        acc = _dot(_cast(p, v.dtype, INTERP_BF16), v, acc, INTERP_BF16)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -108,7 +108,7 @@ def _attn_fwd(
     BIAS_ROW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """Strides are tuples: q/k/v/o (batch, seq, head, dim), lse (batch, head, row),
     bias (batch, head, row, col) with 0 on broadcast dims, slopes (batch, head), kpm (batch, col)."""
@@ -156,12 +156,12 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptr, v_ptr, bias_ptr, kpm_ptr, k_rows, v_rows, bias_rc, slope,
         offs_m, offs_d, 0, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, UPCAST_DOT,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, INTERP_BF16,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptr, v_ptr, bias_ptr, kpm_ptr, k_rows, v_rows, bias_rc, slope,
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, UPCAST_DOT,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, INTERP_BF16,
     )
 
     # Rows that saw no key (l == 0) get output 0 and lse -inf (DESIGN.md), never NaN.
@@ -169,7 +169,7 @@ def _attn_fwd(
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
     o_ptr = Out + off_b * stride_o[0] + off_h * stride_o[2]
-    tl.store(o_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_o[1], stride_o[3])), acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+    tl.store(o_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_o[1], stride_o[3])), _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
     lse_ptr = Lse + off_b * stride_lse[0] + off_h * stride_lse[1]
     tl.store(lse_ptr + offs_m * stride_lse[2], lse, mask=offs_m < seqlen_q)
 
