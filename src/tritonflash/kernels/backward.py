@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
 from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq
 
 # DBIAS_KIND values: which pass writes the bias gradient.
@@ -222,9 +222,7 @@ def _attn_bwd_dkdv(
         if HAS_BIAS:
             bias_ptr = Bias + off_b * stride_bias[0] + off_h * stride_bias[1]
             bias_rc = (stride_bias[2], stride_bias[3])
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -1.4426950408889634
+        slope = _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI)
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
@@ -391,9 +389,7 @@ def _attn_bwd_dq(
     dbias_ptr = DBias
     if DBIAS_KIND == 2:
         dbias_ptr = DBias + off_b * stride_dbias[0] + off_h * stride_dbias[1]
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -1.4426950408889634
+    slope = _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI)
     kpm_ptr = KPM
     if HAS_KPM:
         kpm_ptr = KPM + off_b * stride_kpm[0]

@@ -16,9 +16,10 @@ import triton.language as tl
 from ..bias import MASKED_BIAS as _MASKED_BIAS
 from .configs import INTERPRET
 
-LOG2E: tl.constexpr = 1.4426950408889634
-MASKED_BIAS: tl.constexpr = _MASKED_BIAS
-LN2: tl.constexpr = 0.6931471805599453
+# Globals read inside @triton.jit must be tl.constexpr instances (an annotation is not enough).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
 
 
 @triton.jit
@@ -63,6 +64,15 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_C
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of one (batch, head), times -log2(e) so that it adds in log2 units."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -LOG2E
+    return slope
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
 from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd
 
 
@@ -134,9 +134,7 @@ def _attn_fwd(
     if HAS_BIAS:
         bias_ptr = Bias + off_b * stride_bias[0] + off_h * stride_bias[1]
         bias_rc = (stride_bias[2], stride_bias[3])
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -1.4426950408889634
+    slope = _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI)
     kpm_ptr = KPM
     if HAS_KPM:
         kpm_ptr = KPM + off_b * stride_kpm[0]

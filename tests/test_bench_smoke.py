@@ -1,0 +1,156 @@
+"""The benchmark harness's plumbing, on CPU: its --smoke mode runs the same correctness gate,
+JSON and plot code as a GPU run, at tiny sizes (tritonflash through the Triton interpreter)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_attention.py"
+ROW_SUITES = {"nobias", "alibi", "bias_grad", "gqa"}
+SMOKE_METHODS = ["tritonflash", "sdpa_math", "sdpa_flash"]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.fixture
+def keep_env(monkeypatch):
+    """main(--smoke) sets TRITON_INTERPRET if unset; pin it so that it cannot leak into later tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+
+
+def broken(build):
+    """A method whose output (and so every gradient) is 10% too large."""
+
+    def build_broken(case, x):
+        runner = build(case, x)
+        fn = runner.fn
+        runner.fn = lambda: fn() * 1.1
+        return runner
+
+    return build_broken
+
+
+def check_schema(data, methods):
+    for key in ("gpu", "torch", "triton", "commit", "rows"):
+        assert key in data, f"results file lacks {key!r}"
+    assert data["rows"], "no rows"
+    for row in data["rows"]:
+        for key in ("suite", "headdim", "causal", "seqlen", "pass", "method"):
+            assert key in row, f"row lacks {key!r}: {row}"
+        assert row["suite"] in ROW_SUITES, row
+        assert row["method"] in methods, row
+        assert row["pass"] in ("fwd", "fwdbwd", "fwdbwd_mem"), row
+        value = "bytes" if row["pass"] == "fwdbwd_mem" else "tflops"
+        assert value in row, f"row lacks {value!r}: {row}"
+        if row.get("error") is not None:
+            assert isinstance(row["error"], str) and row["error"], row
+            assert row[value] is None, f"a failed row must carry no number: {row}"
+        else:
+            assert row[value] > 0, row
+            assert value == "bytes" or row["ms"] > 0, row
+
+
+def test_smoke_cli_writes_results(tmp_path):
+    """The CLI end to end: every suite, a JSON in the documented format, a plot per suite."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", ",".join(SMOKE_METHODS)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "cpu_smoke.json").read_text())
+    check_schema(data, SMOKE_METHODS)
+    rows = data["rows"]
+    assert {r["suite"] for r in rows} == ROW_SUITES
+    assert {r["method"] for r in rows} == set(SMOKE_METHODS)
+    timed = [r for r in rows if r["pass"] != "fwdbwd_mem" and r["method"] != "sdpa_flash"]
+    assert timed and all(r.get("error") is None for r in timed), [r for r in timed if r.get("error")]
+    # SDPA's flash backend takes no mask: the bias suites record that instead of a number.
+    flash_bias = [r for r in rows if r["method"] == "sdpa_flash" and r["suite"] in ("alibi", "bias_grad")]
+    assert flash_bias and all("attn_mask" in r["error"] for r in flash_bias)
+    mem = [r for r in rows if r["pass"] == "fwdbwd_mem"]
+    assert {r["method"] for r in mem} == set(SMOKE_METHODS) and all(r["suite"] == "alibi" for r in mem)
+    assert "tritonflash / peer" in proc.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        for suite in ROW_SUITES:
+            assert (tmp_path / f"cpu_smoke_{suite}.png").stat().st_size > 0
+
+
+def test_gate_rejects_a_wrong_peer(tmp_path, monkeypatch, keep_env):
+    """A peer with a wrong output gets error rows and no time; a right one gets numbers.
+    (SDPA's math backend stands in for both: it is quick on CPU.)"""
+    monkeypatch.setitem(bench.BUILDERS, "wrong_peer", broken(bench.BUILDERS["sdpa_math"]))
+    rc = bench.main(["--smoke", "--suite", "bias_grad", "--methods", "sdpa_math,wrong_peer", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "cpu_smoke.json").read_text())
+    check_schema(data, ["sdpa_math", "wrong_peer"])
+    wrong = [r for r in data["rows"] if r["method"] == "wrong_peer"]
+    assert len(wrong) == 2  # fwd, fwdbwd
+    assert all(r["error"].startswith("failed correctness check") for r in wrong), wrong
+    assert "dq rel err" in wrong[1]["error"] and "dbias rel err" in wrong[1]["error"], wrong[1]
+    assert all(r.get("error") is None for r in data["rows"] if r["method"] == "sdpa_math")
+
+
+def test_wrong_tritonflash_fails_the_run(tmp_path, monkeypatch, keep_env):
+    """A tritonflash that fails the gate makes the run exit non-zero (CI catches it)."""
+    monkeypatch.setitem(bench.BUILDERS, "tritonflash", broken(bench.BUILDERS["sdpa_math"]))
+    rc = bench.main(["--smoke", "--suite", "gqa", "--methods", "tritonflash", "--out", str(tmp_path)])
+    assert rc == 1
+
+
+def test_failing_method_is_a_row_not_a_crash(tmp_path, keep_env, monkeypatch):
+    def build_raises(case, x):
+        def fn():
+            raise RuntimeError("no kernel for this case\nsecond line")
+
+        return bench.Runner(fn)
+
+    monkeypatch.setitem(bench.BUILDERS, "raises", build_raises)
+    rc = bench.main(["--smoke", "--suite", "gqa", "--methods", "raises", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "cpu_smoke.json").read_text())["rows"]
+    assert [r["error"] for r in rows] == ["RuntimeError: no kernel for this case"] * 2
+
+
+def test_sdpa_alibi_mask_matches_the_reference_bias():
+    """The materialised mask SDPA gets is the ALiBi the kernels compute, plus the causal -inf."""
+    from tritonflash import gen_slopes
+    from tritonflash.bias import alibi_slopes_to_bias
+
+    slopes = gen_slopes(4)
+    mask = bench.alibi_mask(slopes, 48, 48, causal=True, dtype=torch.float32)
+    want = alibi_slopes_to_bias(slopes, 48, 48)
+    upper = torch.ones(48, 48, dtype=torch.bool).triu(1)
+    assert torch.equal(mask[..., ~upper], want[..., ~upper])
+    assert torch.isneginf(mask[..., upper]).all()
+
+
+def test_protocol_helpers():
+    case = bench.Case("nobias", 128, True, 4096, 4, 16, 16, "none", ("fwd", "fwdbwd"))
+    assert case.flops("fwd") == 4 * 4 * 16 * 4096 * 4096 * 128 / 2
+    assert case.flops("fwdbwd") == 3.5 * case.flops("fwd")
+    cases = bench.make_cases(["nobias", "bias_grad", "gqa", "memory"], [], bench.SEQLENS, smoke=False)
+    assert all(c.batch * c.seqlen == 16384 and c.nheads * c.headdim == 2048 for c in cases)
+    assert max(c.seqlen for c in cases if c.suite == "bias_grad") == 4096
+    assert all(c.nheads_k * 8 == c.nheads for c in cases if c.suite == "gqa")
+    assert {c.passes for c in cases if c.suite == "alibi"} == {("fwdbwd_mem",)}
+    assert bench.gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.gpu_short_name("NVIDIA H200") == "h200"
+    assert [bench.parse_seqlen(s) for s in ("1k", "16K", "512")] == [1024, 16384, 512]
