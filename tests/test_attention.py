@@ -10,9 +10,9 @@ import itertools
 
 import pytest
 import torch
+
 from conftest import DEVICE, ON_GPU
 from helpers import check_against_reference, make_qkv
-
 from tritonflash import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from tritonflash.kernels import attn_bwd, attn_fwd
 

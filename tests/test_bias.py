@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import DEVICE, ON_GPU
 from helpers import check_against_reference, make_qkv
-
 from tritonflash import flash_attn_func
 
 B, H = 2, 3

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from helpers import check_against_reference, make_qkv
 
+from helpers import check_against_reference, make_qkv
 from tritonflash import flash_attn_func, flash_attn_qkvpacked_func
 
 pytestmark = pytest.mark.gpu

@@ -181,7 +181,6 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // nheads_k
     off_hk = pid_bh % nheads_k
-    nheads = nheads_k * kv_group
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -240,11 +239,12 @@ def _attn_bwd_dkdv(
             dbias_ptr = DBias + off_b * stride_dbias[0] + off_h * stride_dbias[1]
             tl.store(dbias_ptr + offs_n * stride_dbias[3], dbias_cols, mask=offs_n < seqlen_k)
 
-    mask_kv = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
-    dk_ptr = DK + off_b * stride_dk[0] + off_hk * stride_dk[2]
-    tl.store(dk_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dk[1], stride_dk[3])), _cast(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=mask_kv)
-    dv_ptr = DV + off_b * stride_dv[0] + off_hk * stride_dv[2]
-    tl.store(dv_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_dv[1], stride_dv[3])), _cast(dv, DV.dtype.element_ty, INTERP_BF16), mask=mask_kv)
+    rows, cols = offs_n[:, None], offs_d[None, :]
+    mask_kv = (rows < seqlen_k) & (cols < head_dim)
+    dk_ptrs = DK + off_b * stride_dk[0] + off_hk * stride_dk[2] + _ptr_offset(rows, cols, (stride_dk[1], stride_dk[3]))
+    tl.store(dk_ptrs, _cast(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=mask_kv)
+    dv_ptrs = DV + off_b * stride_dv[0] + off_hk * stride_dv[2] + _ptr_offset(rows, cols, (stride_dv[1], stride_dv[3]))
+    tl.store(dv_ptrs, _cast(dv, DV.dtype.element_ty, INTERP_BF16), mask=mask_kv)
 
 
 @triton.jit
@@ -408,8 +408,8 @@ def _attn_bwd_dq(
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
         BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 2, INTERP_BF16,
     )
-    dq_ptr = DQ + off_b * stride_dq[0] + off_h * stride_dq[2]
-    tl.store(dq_ptr + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3])), _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
+    dq_ptrs = DQ + off_b * stride_dq[0] + off_h * stride_dq[2] + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3]))
+    tl.store(dq_ptrs, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
 
 
 _launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv)

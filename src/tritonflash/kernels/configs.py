@@ -88,7 +88,9 @@ class Launcher:
         self.kernel = kernel
         self.candidates = candidates
         self.prune = prune
-        self.tuned = triton.autotune(configs=candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel) if AUTOTUNE else None
+        self.tuned = None
+        if AUTOTUNE:
+            self.tuned = triton.autotune(configs=candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
         # Tests set this to run one given candidate (every config must give the same answer).
         self.forced = None
 

@@ -166,8 +166,9 @@ def _attn_fwd(
     dead = l_i == 0.0
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
-    o_ptr = Out + off_b * stride_o[0] + off_h * stride_o[2]
-    tl.store(o_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_o[1], stride_o[3])), _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+    rows, cols = offs_m[:, None], offs_d[None, :]
+    o_ptrs = Out + off_b * stride_o[0] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]))
+    tl.store(o_ptrs, _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
     lse_ptr = Lse + off_b * stride_lse[0] + off_h * stride_lse[1]
     tl.store(lse_ptr + offs_m * stride_lse[2], lse, mask=offs_m < seqlen_q)
 
