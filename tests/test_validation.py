@@ -193,12 +193,11 @@ def _non_tensor(kind, name, value, got):
 
 
 @pytest.mark.parametrize("entry, case", cross([
-    Case("q-list", SEP_KV, lambda kind: _non_tensor(kind, "q", [[0.0]], "list"), api_bug=API_NON_TENSOR_BUG),
+    Case("q-list", SEP_KV, lambda kind: _non_tensor(kind, "q", [[0.0]], "list")),
     Case("k-None", ("sep",), lambda kind: _non_tensor(kind, "k", None, "NoneType")),
     Case("v-ndarray", ("sep",), lambda kind: _non_tensor(kind, "v", np.zeros((2, 5, 2, 8), np.float16), "numpy.ndarray")),
     Case("kv-list", ("kv",), lambda kind: _non_tensor(kind, "kv", [0.0], "list")),
-    Case("qkv-ndarray", ("qkv",), lambda kind: _non_tensor(kind, "qkv", np.zeros((2, 5, 3, 4, 8), np.float16), "numpy.ndarray"),
-         api_bug=API_NON_TENSOR_BUG),
+    Case("qkv-ndarray", ("qkv",), lambda kind: _non_tensor(kind, "qkv", np.zeros((2, 5, 3, 4, 8), np.float16), "numpy.ndarray")),
     Case("bias-float", ALL, lambda kind: _non_tensor(kind, "bias", 0.5, "float")),
     Case("alibi_slopes-list", ALL, lambda kind: _non_tensor(kind, "alibi_slopes", [0.5] * 4, "list")),
     Case("key_padding_mask-list", ALL, lambda kind: _non_tensor(kind, "key_padding_mask", [[True] * 5] * 2, "list")),

@@ -38,7 +38,9 @@ def attention_ref(
     """
     dtype_og = q.dtype
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+        # At least fp32; float64 stays float64 (gradcheck).
+        up = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(up), k.to(up), v.to(up)
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if nheads != nheads_k:
@@ -64,7 +66,7 @@ def attention_ref(
     # and zero gradients, so the row is neutralised before softmax and zeroed after.
     dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
     scores = scores.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(dead.squeeze(-1), float("-inf"))
+    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).masked_fill(dead.squeeze(-1), float("-inf"))
     attn = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     out = torch.einsum("bhts,bshd->bthd", attn.to(v.dtype), v).to(dtype_og)
     return (out, lse) if return_lse else out

@@ -49,35 +49,39 @@ BWD_DQ_CONFIGS = [
 ]
 
 
-def _smem_bytes(cfg, block_d, n_tiles_m, n_tiles_n):
-    """Rough shared memory of the pipelined loads: operand tiles times stages, 2 bytes each."""
+def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n):
+    """Rough shared memory, 2 bytes an element: tiles streamed through the software pipeline
+    (times its stages) plus tiles loaded once and kept (they may be staged in shared memory
+    for the tensor cores too)."""
     m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    return 2 * block_d * (n_tiles_m * m + n_tiles_n * n) * max(cfg.num_stages, 1)
+    streamed = (streamed_m * m + streamed_n * n) * max(cfg.num_stages, 1)
+    resident = resident_m * m + resident_n * n
+    return 2 * block_d * (streamed + resident)
 
 
-def _prune(configs, args, n_tiles_m, n_tiles_n):
+def _prune(configs, args, **tiles):
     block_d = args["BLOCK_D"]
-    # Reason: tiles whose pipelined operands exceed ~200 KB fail to compile on sm90, and
-    # tiles larger than 64x64 at head dim 256 spill registers.
-    kept = [c for c in configs if _smem_bytes(c, block_d, n_tiles_m, n_tiles_n) <= 200_000]
+    # Reason: above ~220 KB a config fails with OutOfResources on sm90 (232448 bytes per block),
+    # and tiles larger than 64x64 at head dim 256 spill registers.
+    kept = [c for c in configs if _smem_bytes(c, block_d, **tiles) <= 200_000]
     if block_d >= 256:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or [configs[-1]]
+    return kept or [_cfg(32, 32, 4, 1)]
 
 
 def prune_fwd(configs, nargs, **kwargs):
-    # The forward keeps K and V tiles in flight (Q is loaded once).
-    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=0, n_tiles_n=2)
+    # The forward keeps Q and streams K and V.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=1, resident_n=0)
 
 
 def prune_bwd_dkdv(configs, nargs, **kwargs):
-    # dK/dV streams Q and dO tiles.
-    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=2, n_tiles_n=0)
+    # dK/dV keeps K and V and streams Q and dO.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=0, resident_m=0, resident_n=2)
 
 
 def prune_bwd_dq(configs, nargs, **kwargs):
-    # dQ streams K and V tiles.
-    return _prune(configs, {**nargs, **kwargs}, n_tiles_m=0, n_tiles_n=2)
+    # dQ keeps Q and dO and streams K and V.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0)
 
 
 class Launcher:
