@@ -30,6 +30,8 @@ INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 # Candidates, the default first. Listed for Hopper (sm90, 228 KB shared memory per SM).
 FWD_CONFIGS = [
     _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 2),
+    _cfg(128, 64, 8, 4),
     _cfg(128, 128, 8, 3),
     _cfg(128, 64, 4, 3),
     _cfg(64, 64, 4, 3),
@@ -37,12 +39,16 @@ FWD_CONFIGS = [
 ]
 BWD_DKDV_CONFIGS = [
     _cfg(64, 128, 8, 2),
+    _cfg(64, 128, 8, 3),
+    _cfg(128, 128, 8, 2),
     _cfg(32, 128, 4, 3),
     _cfg(64, 64, 4, 3),
     _cfg(32, 64, 4, 2),
 ]
 BWD_DQ_CONFIGS = [
     _cfg(128, 64, 8, 2),
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 2),
     _cfg(64, 64, 4, 3),
     _cfg(64, 128, 8, 2),
     _cfg(32, 64, 4, 2),
