@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
-from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq
+from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, launch_meta
+from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq, seq_bucket
 
 # DBIAS_KIND values: which pass writes the bias gradient.
 DBIAS_NONE, DBIAS_COLS, DBIAS_FULL = 0, 1, 2
@@ -105,8 +105,11 @@ def _attn_bwd_dkdv_inner(
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi).
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    bias_next = _load_bias(bias_ptr, lo + offs_m0, offs_n, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, True)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
+        bias = bias_next
+        bias_next = _load_bias(bias_ptr, offs_m + BLOCK_M, offs_n, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, True)
         q = _load_tile(
             q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_q),
             offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
@@ -118,9 +121,8 @@ def _attn_bwd_dkdv_inner(
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q)
         qk_t = _dot(k, tl.trans(q), None, INTERP_BF16)  # [BLOCK_N, BLOCK_M]
         s_t = _score(
-            qk_t, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale,
-            bias_ptr, stride_bias, slope, kpm_ptr,
-            HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, False,
+            qk_t, bias, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
+            HAS_BIAS, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, False,
         )
         p_t = tl.math.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
         dv = _dot(_cast(p_t, do.dtype, INTERP_BF16), do, dv, INTERP_BF16)
@@ -132,7 +134,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv, dbias_cols
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "tune_bucket"])
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -162,6 +164,7 @@ def _attn_bwd_dkdv(
     seqlen_q,
     seqlen_k,
     head_dim,
+    tune_bucket,
     qk_scale,
     sm_scale,
     BLOCK_M: tl.constexpr,
@@ -285,8 +288,11 @@ def _attn_bwd_dq_inner(
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi) (and write dS tiles)."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    bias_next = _load_bias(bias_ptr, offs_m, lo + offs_n0, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
+        bias = bias_next
+        bias_next = _load_bias(bias_ptr, offs_m, offs_n + BLOCK_N, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
         k = _load_tile(
             k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
@@ -297,9 +303,8 @@ def _attn_bwd_dq_inner(
         )  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
-            qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale,
-            bias_ptr, stride_bias, slope, kpm_ptr,
-            HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, MASK,
+            qk, bias, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
+            HAS_BIAS, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, MASK,
         )
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
@@ -311,7 +316,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "tune_bucket"])
 def _attn_bwd_dq(
     Q,
     K,
@@ -339,6 +344,7 @@ def _attn_bwd_dq(
     seqlen_q,
     seqlen_k,
     head_dim,
+    tune_bucket,
     qk_scale,
     sm_scale,
     BLOCK_M: tl.constexpr,
@@ -478,6 +484,7 @@ def attn_bwd(
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         head_dim=head_dim,
+        tune_bucket=seq_bucket(seqlen_q, seqlen_k),
         qk_scale=softmax_scale * 1.4426950408889634,
         sm_scale=softmax_scale,
         DBIAS_KIND=dbias_kind,

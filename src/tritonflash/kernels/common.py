@@ -76,19 +76,41 @@ def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _load_bias(bias_ptr, offs_m, offs_n, seqlen_q, seqlen_k, stride_bias,
+               HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
+    """The bias for query rows ``offs_m`` and keys ``offs_n`` (1-D), as a [M, N] tile, or
+    [N, M] when ``TRANS`` (the dK/dV pass). A bias without a row dimension is one vector
+    per key block. The tile is always read row-major (coalesced along keys) and transposed in
+    registers: a transposed pointer walk would read with stride seqlen_k."""
+    if HAS_BIAS:
+        if BIAS_ROW:
+            mask = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+            bias = tl.load(bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias), mask=mask, other=0.0)
+            if TRANS:
+                bias = tl.trans(bias)
+        else:
+            vec = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
+            if TRANS:
+                bias = vec[:, None]
+            else:
+                bias = vec[None, :]
+    else:
+        bias = 0.0
+    return bias
+
+
+@triton.jit
 def _score(
     qk,
+    bias,
     offs_m,
     offs_n,
     seqlen_q,
     seqlen_k,
     qk_scale,
-    bias_ptr,
-    stride_bias,
     slope,
     kpm_ptr,
     HAS_BIAS: tl.constexpr,
-    BIAS_ROW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
@@ -97,18 +119,11 @@ def _score(
     """Scores in log2 units, -inf where a key is not visible.
 
     ``offs_m`` and ``offs_n`` broadcast against ``qk``: ([M, 1], [1, N]) for a [M, N] tile
-    or ([1, M], [N, 1]) for the transposed tile of the dK/dV pass. ``bias_ptr`` points at
-    this (batch, head)'s bias; ``stride_bias`` is its (row, col) stride pair; a bias with
-    no row dimension (``BIAS_ROW=False``) is loaded as one vector per key block.
-    ``slope`` is the ALiBi slope already multiplied by -log2(e).
+    or ([1, M], [N, 1]) for the transposed tile of the dK/dV pass; ``bias`` comes from
+    ``_load_bias`` in the same orientation. ``slope`` is the ALiBi slope times -log2(e).
     """
     s = qk * qk_scale
     if HAS_BIAS:
-        if BIAS_ROW:
-            mask_b = (offs_m < seqlen_q) & (offs_n < seqlen_k)
-            bias = tl.load(bias_ptr + _ptr_offset(offs_m, offs_n, stride_bias), mask=mask_b, other=0.0)
-        else:
-            bias = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
         bias = bias.to(tl.float32)
         # finfo.min-style masks count as -inf (bias.MASKED_BIAS): times log2(e) they would
         # overflow anyway, and a row of them cannot be recomputed from its LSE.

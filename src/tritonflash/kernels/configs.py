@@ -15,9 +15,16 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "1") == "1" and not INTERPRET
 
-# The autotuner also appends the dtype of every tensor argument to the key.
-FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM"]
+# The autotuner also appends the dtype of every tensor argument to the key. ``tune_bucket``
+# is a coarse length class (see seq_bucket): a tile tuned at 1k is not always best at 16k.
+FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM", "tune_bucket"]
 BWD_KEY = FWD_KEY + ["DBIAS_KIND"]
+
+
+def seq_bucket(seqlen_q, seqlen_k):
+    """Autotune length class: 0 up to 1k, 1 up to 4k, 2 beyond (never a compile key)."""
+    n = max(seqlen_q, seqlen_k)
+    return 0 if n <= 1024 else (1 if n <= 4096 else 2)
 
 
 def _cfg(block_m, block_n, num_warps, num_stages):

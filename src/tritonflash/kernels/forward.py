@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_tile, _ptr_offset, _score, launch_meta
-from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd
+from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, launch_meta
+from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd, seq_bucket
 
 
 @triton.jit
@@ -46,17 +46,21 @@ def _attn_fwd_inner(
     """Online-softmax step over key blocks [lo, hi). ``MASK`` selects the diagonal / tail
     variant that applies the causal and key-bound masks; the off-band blocks skip them."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    # The bias tile feeds no tl.dot, so the compiler does not pipeline it: prefetch it one
+    # key block ahead by hand.
+    bias_next = _load_bias(bias_ptr, offs_m, lo + offs_n0, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
+        bias = bias_next
+        bias_next = _load_bias(bias_ptr, offs_m, offs_n + BLOCK_N, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
         k = _load_tile(
             k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
-            qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale,
-            bias_ptr, stride_bias, slope, kpm_ptr,
-            HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, MASK,
+            qk, bias, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
+            HAS_BIAS, HAS_ALIBI, HAS_KPM, MASK and CAUSAL, MASK,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
@@ -75,7 +79,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "tune_bucket"])
 def _attn_fwd(
     Q,
     K,
@@ -98,6 +102,7 @@ def _attn_fwd(
     seqlen_q,
     seqlen_k,
     head_dim,
+    tune_bucket,
     qk_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -214,6 +219,7 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         head_dim=head_dim,
+        tune_bucket=seq_bucket(seqlen_q, seqlen_k),
         qk_scale=softmax_scale * 1.4426950408889634,
         **meta.constexprs,
     )
