@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from .checks import Inputs, prepare, unpack_kv, unpack_qkv
-from .kernels import attn_bwd, attn_fwd
+from .checks import Inputs, prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .kernels import Varlen, attn_bwd, attn_fwd
 
-__all__ = ["FlashAttnFunc", "FlashAttnQKVPackedFunc", "FlashAttnKVPackedFunc"]
+__all__ = ["FlashAttnFunc", "FlashAttnQKVPackedFunc", "FlashAttnKVPackedFunc", "FlashAttnVarlenFunc"]
 
 
-def _forward(ctx, inp: Inputs, return_lse: bool):
+def _forward(ctx, inp: Inputs, return_lse: bool, varlen: Varlen | None = None):
     kpm = inp.key_padding_mask.view(torch.uint8) if inp.key_padding_mask is not None else None
-    out, lse = attn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.alibi_slopes, kpm, inp.causal, inp.softmax_scale)
+    out, lse = attn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.alibi_slopes, kpm, inp.causal, inp.softmax_scale, varlen=varlen)
     ctx.save_for_backward(inp.q, inp.k, inp.v, out, lse, inp.bias, inp.alibi_slopes, kpm)
+    ctx.varlen = varlen
     ctx.causal = inp.causal
     ctx.softmax_scale = inp.softmax_scale
     ctx.bias_shape = inp.bias_shape
@@ -30,7 +31,7 @@ def _backward(ctx, dout, bias_needs_grad, dq=None, dk=None, dv=None):
     dbias_rows = bias.shape[2] if (bias is not None and bias_needs_grad) else 0
     dq, dk, dv, dbias = attn_bwd(
         dout, q, k, v, out, lse, bias, slopes, kpm, ctx.causal, ctx.softmax_scale,
-        dq=dq, dk=dk, dv=dv, dbias_rows=dbias_rows,
+        dq=dq, dk=dk, dv=dv, dbias_rows=dbias_rows, varlen=ctx.varlen,
     )
     if dbias is not None:
         # Sum over the dims the bias broadcasts along (deterministic torch reductions).
@@ -84,3 +85,19 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
         dk, dv = dkv.unbind(2)
         dq, _, _, dbias = _backward(ctx, dout, ctx.needs_input_grad[2], None, dk, dv)
         return dq, dkv, dbias, None, None, None, None, None
+
+
+class FlashAttnVarlenFunc(torch.autograd.Function):
+    """Packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d), int32
+    cumulative sequence lengths. Returns out (total_q, h, d) [and lse (h, total_q)]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                causal=False, alibi_slopes=None, return_lse=False):
+        inp = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes)
+        return _forward(ctx, inp, return_lse, Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        dq, dk, dv, _ = _backward(ctx, dout, False)
+        return dq, dk, dv, None, None, None, None, None, None, None, None

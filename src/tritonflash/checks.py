@@ -171,3 +171,49 @@ def unpack_kv(kv):
     if kv.dtype not in _QKV_DTYPES:
         raise TypeError(f"kv must be float16 or bfloat16, got {kv.dtype}; cast with kv.to(torch.bfloat16)")
     return kv.unbind(2)
+
+
+def _check_cu_seqlens(name, cu, total, device):
+    _tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}; use {name}.to(torch.int32)")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if min(steps) < 0:
+        i = steps.index(min(steps))
+        raise ValueError(f"{name} must be non-decreasing, got {values[i]} then {values[i + 1]} at index {i}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed rows {total}, got {values[-1]}")
+    return max(steps)
+
+
+def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes):
+    """Validate a packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have rank 3 (total_tokens, nheads, headdim) for varlen, got shape {tuple(x.shape)}")
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.numel() - 1} "
+            f"and {cu_seqlens_k.numel() - 1} sequences"
+        )
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+        if isinstance(given, bool) or not isinstance(given, int):
+            raise TypeError(f"{name} must be an int, got {_type_name(given)}")
+        if given < longest:
+            raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
+    batch = cu_seqlens_q.numel() - 1
+    dummy_q = q.new_empty((batch, 1, q.shape[1], q.shape[2]))
+    inputs = check_options(dummy_q, k.unsqueeze(0).expand(batch, -1, -1, -1), None, causal, softmax_scale, alibi_slopes, None)
+    inputs.q, inputs.k, inputs.v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
+    return inputs

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, _seq_span, launch_meta, problem
 from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq, seq_bucket
 
 # DBIAS_KIND values: which pass writes the bias gradient.
@@ -27,6 +27,7 @@ def _attn_bwd_preprocess(
     Out,
     DOut,
     Delta,
+    CuSeqQ,
     stride_o,
     stride_do,
     stride_delta,
@@ -35,24 +36,29 @@ def _attn_bwd_preprocess(
     head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // nheads
     off_h = pid_bh % nheads
+    start_q, seqlen_q = _seq_span(CuSeqQ, off_b, seqlen_q, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows, cols = offs_m[:, None], offs_d[None, :]
     o = _load_tile(
-        Out + off_b * stride_o[0] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3])),
+        Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3])),
         rows, seqlen_q, cols, head_dim, True, True,
     )
     do = _load_tile(
-        DOut + off_b * stride_do[0] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
+        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
         rows, seqlen_q, cols, head_dim, True, True,
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
-    tl.store(Delta + off_b * stride_delta[0] + off_h * stride_delta[1] + offs_m * stride_delta[2], delta, mask=offs_m < seqlen_q)
+    tl.store(Delta + off_b * stride_delta[0] + off_h * stride_delta[1] + (start_q + offs_m) * stride_delta[2], delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -148,6 +154,8 @@ def _attn_bwd_dkdv(
     DBias,
     Slopes,
     KPM,
+    CuSeqQ,
+    CuSeqK,
     stride_q,
     stride_k,
     stride_v,
@@ -177,6 +185,7 @@ def _attn_bwd_dkdv(
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
     DBIAS_KIND: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
@@ -184,15 +193,20 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // nheads_k
     off_hk = pid_bh % nheads_k
+    start_q, seqlen_q = _seq_span(CuSeqQ, off_b, seqlen_q, IS_VARLEN)
+    start_k, seqlen_k = _seq_span(CuSeqK, off_b, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_n * BLOCK_N >= seqlen_k:
+            return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(
-        K + off_b * stride_k[0] + off_hk * stride_k[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3])),
+        K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3])),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     v = _load_tile(
-        V + off_b * stride_v[0] + off_hk * stride_v[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3])),
+        V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3])),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -215,10 +229,10 @@ def _attn_bwd_dkdv(
         kpm_ptr = KPM + off_b * stride_kpm[0]
     for g in range(0, kv_group):
         off_h = off_hk * kv_group + g
-        q_ptr = Q + off_b * stride_q[0] + off_h * stride_q[2]
-        do_ptr = DOut + off_b * stride_do[0] + off_h * stride_do[2]
-        lse_ptr = Lse + off_b * stride_stat[0] + off_h * stride_stat[1]
-        delta_ptr = Delta + off_b * stride_stat[0] + off_h * stride_stat[1]
+        q_ptr = Q + off_b * stride_q[0] + start_q * stride_q[1] + off_h * stride_q[2]
+        do_ptr = DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2]
+        lse_ptr = Lse + off_b * stride_stat[0] + off_h * stride_stat[1] + start_q * stride_stat[2]
+        delta_ptr = Delta + off_b * stride_stat[0] + off_h * stride_stat[1] + start_q * stride_stat[2]
         bias_ptr = Bias
         bias_rc = (0, 0)
         if HAS_BIAS:
@@ -244,9 +258,9 @@ def _attn_bwd_dkdv(
 
     rows, cols = offs_n[:, None], offs_d[None, :]
     mask_kv = (rows < seqlen_k) & (cols < head_dim)
-    dk_ptrs = DK + off_b * stride_dk[0] + off_hk * stride_dk[2] + _ptr_offset(rows, cols, (stride_dk[1], stride_dk[3]))
+    dk_ptrs = DK + off_b * stride_dk[0] + start_k * stride_dk[1] + off_hk * stride_dk[2] + _ptr_offset(rows, cols, (stride_dk[1], stride_dk[3]))
     tl.store(dk_ptrs, _cast(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=mask_kv)
-    dv_ptrs = DV + off_b * stride_dv[0] + off_hk * stride_dv[2] + _ptr_offset(rows, cols, (stride_dv[1], stride_dv[3]))
+    dv_ptrs = DV + off_b * stride_dv[0] + start_k * stride_dv[1] + off_hk * stride_dv[2] + _ptr_offset(rows, cols, (stride_dv[1], stride_dv[3]))
     tl.store(dv_ptrs, _cast(dv, DV.dtype.element_ty, INTERP_BF16), mask=mask_kv)
 
 
@@ -329,6 +343,8 @@ def _attn_bwd_dq(
     DBias,
     Slopes,
     KPM,
+    CuSeqQ,
+    CuSeqK,
     stride_q,
     stride_k,
     stride_v,
@@ -357,6 +373,7 @@ def _attn_bwd_dq(
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
     DBIAS_KIND: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
@@ -367,26 +384,31 @@ def _attn_bwd_dq(
     off_b = pid_bh // nheads
     off_h = pid_bh % nheads
     off_hk = off_h // kv_group
+    start_q, seqlen_q = _seq_span(CuSeqQ, off_b, seqlen_q, IS_VARLEN)
+    start_k, seqlen_k = _seq_span(CuSeqK, off_b, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows, cols = offs_m[:, None], offs_d[None, :]
     q = _load_tile(
-        Q + off_b * stride_q[0] + off_h * stride_q[2] + _ptr_offset(rows, cols, (stride_q[1], stride_q[3])),
+        Q + off_b * stride_q[0] + start_q * stride_q[1] + off_h * stride_q[2] + _ptr_offset(rows, cols, (stride_q[1], stride_q[3])),
         rows, seqlen_q, cols, head_dim, True, not EVEN_D,
     )  # [BLOCK_M, BLOCK_D]
     do = _load_tile(
-        DOut + off_b * stride_do[0] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
+        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
         rows, seqlen_q, cols, head_dim, True, not EVEN_D,
     )  # [BLOCK_M, BLOCK_D]
     lse, delta = _load_row_stats(
-        Lse + off_b * stride_stat[0] + off_h * stride_stat[1],
-        Delta + off_b * stride_stat[0] + off_h * stride_stat[1],
+        Lse + off_b * stride_stat[0] + off_h * stride_stat[1] + start_q * stride_stat[2],
+        Delta + off_b * stride_stat[0] + off_h * stride_stat[1] + start_q * stride_stat[2],
         offs_m, stride_stat[2], seqlen_q,
     )
 
-    k_ptr = K + off_b * stride_k[0] + off_hk * stride_k[2]
-    v_ptr = V + off_b * stride_v[0] + off_hk * stride_v[2]
+    k_ptr = K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2]
+    v_ptr = V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2]
     bias_ptr = Bias
     bias_rc = (0, 0)
     if HAS_BIAS:
@@ -414,7 +436,7 @@ def _attn_bwd_dq(
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
         BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_KIND == 2, INTERP_BF16,
     )
-    dq_ptrs = DQ + off_b * stride_dq[0] + off_h * stride_dq[2] + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3]))
+    dq_ptrs = DQ + off_b * stride_dq[0] + start_q * stride_dq[1] + off_h * stride_dq[2] + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3]))
     tl.store(dq_ptrs, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
 
 
@@ -424,19 +446,20 @@ _launch_dq = Launcher(_attn_bwd_dq, BWD_DQ_CONFIGS, BWD_KEY, prune_bwd_dq)
 
 def attn_bwd(
     dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
-    dq=None, dk=None, dv=None, dbias_rows=0,
+    dq=None, dk=None, dv=None, dbias_rows=0, varlen=None,
 ):
     """Launch the three backward kernels. Inputs as for ``attn_fwd``; ``dq``/``dk``/``dv`` may
     be given (e.g. views into a packed gradient). ``dbias_rows`` is 0 when the bias needs no
     gradient, else the size of the bias's row dimension (1 or seqlen_q). Returns
     (dq, dk, dv, dbias) where dbias is fp32 with shape (batch, nheads, dbias_rows, seqlen_k),
     or None; the caller sums it to the bias's own shape."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    pb = problem(q, k, varlen)
+    batch, seqlen_q, seqlen_k, nheads, nheads_k = pb.batch, pb.seqlen_q, pb.seqlen_k, pb.nheads, pb.nheads_k
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    meta = launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask)
+    meta = launch_meta(q, pb.head_dim, causal, bias, alibi_slopes, key_padding_mask)
+    varlen_args = pb.varlen_args()
 
     delta = torch.empty_like(lse)
     pre_block_m = 64
@@ -444,14 +467,16 @@ def attn_bwd(
         Out=out,
         DOut=dout,
         Delta=delta,
-        stride_o=out.stride(),
-        stride_do=dout.stride(),
-        stride_delta=delta.stride(),
+        CuSeqQ=varlen_args["CuSeqQ"],
+        stride_o=pb.strides(out),
+        stride_do=pb.strides(dout),
+        stride_delta=pb.strides(delta),
         nheads=nheads,
         seqlen_q=seqlen_q,
-        head_dim=head_dim,
+        head_dim=pb.head_dim,
         BLOCK_M=pre_block_m,
         BLOCK_D=meta.constexprs["BLOCK_D"],
+        IS_VARLEN=varlen_args["IS_VARLEN"],
     )
 
     dbias_kind, dbias = DBIAS_NONE, None
@@ -471,11 +496,11 @@ def attn_bwd(
         DBias=dbias,
         Slopes=meta.slopes,
         KPM=meta.kpm,
-        stride_q=q.stride(),
-        stride_k=k.stride(),
-        stride_v=v.stride(),
-        stride_do=dout.stride(),
-        stride_stat=lse.stride(),
+        stride_q=pb.strides(q),
+        stride_k=pb.strides(k),
+        stride_v=pb.strides(v),
+        stride_do=pb.strides(dout),
+        stride_stat=pb.strides(lse),
         stride_bias=meta.stride_bias,
         stride_dbias=stride_dbias,
         stride_slopes=meta.stride_slopes,
@@ -483,11 +508,12 @@ def attn_bwd(
         kv_group=nheads // nheads_k,
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
-        head_dim=head_dim,
+        head_dim=pb.head_dim,
         tune_bucket=seq_bucket(seqlen_q, seqlen_k),
         qk_scale=softmax_scale * 1.4426950408889634,
         sm_scale=softmax_scale,
         DBIAS_KIND=dbias_kind,
+        **varlen_args,
         **meta.constexprs,
     )
 
@@ -497,6 +523,6 @@ def attn_bwd(
     def grid_dq(m):
         return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)
 
-    _launch_dkdv(grid_dkdv, DK=dk, DV=dv, stride_dk=dk.stride(), stride_dv=dv.stride(), nheads_k=nheads_k, **common)
-    _launch_dq(grid_dq, DQ=dq, stride_dq=dq.stride(), nheads=nheads, **common)
+    _launch_dkdv(grid_dkdv, DK=dk, DV=dv, stride_dk=pb.strides(dk), stride_dv=pb.strides(dv), nheads_k=nheads_k, **common)
+    _launch_dq(grid_dq, DQ=dq, stride_dq=pb.strides(dq), nheads=nheads, **common)
     return dq, dk, dv, dbias

@@ -8,6 +8,7 @@ uses ``exp2``; the launchers fold log2(e) into ``qk_scale`` and into the ALiBi s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,6 +65,19 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_C
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _seq_span(CuSeqlens, off_b, seqlen, IS_VARLEN: tl.constexpr):
+    """(first row, length) of batch entry ``off_b``: from ``cu_seqlens`` for packed
+    variable-length batches (rows of all sequences stacked, batch stride 0), else (0, seqlen)."""
+    if IS_VARLEN:
+        start = tl.load(CuSeqlens + off_b)
+        seqlen = tl.load(CuSeqlens + off_b + 1) - start
+        start = start.to(tl.int64)
+    else:
+        start = 0
+    return start, seqlen
 
 
 @triton.jit
@@ -206,3 +220,52 @@ def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> La
             INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
         ),
     )
+
+
+class Varlen(NamedTuple):
+    """Packed variable-length batch: rows of all sequences stacked, int32 cumulative lengths."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@dataclass
+class Problem:
+    """Sizes of one launch and the 4-D (batch, row, head, dim) strides the kernels index with."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    varlen: Varlen | None = None
+    total_q: int = 0  # rows of a packed varlen q
+
+    def strides(self, x):
+        # A packed varlen tensor (total, heads, dim) is a batch of one with batch stride 0;
+        # each program adds its sequence's first row.
+        return x.stride() if self.varlen is None else (0,) + tuple(x.stride())
+
+    def lse_empty(self, device):
+        if self.varlen is None:
+            lse = torch.empty((self.batch, self.nheads, self.seqlen_q), device=device, dtype=torch.float32)
+            return lse, lse.stride()
+        # Varlen lse is (nheads, total_q), as flash-attn returns it.
+        lse = torch.empty((self.nheads, self.total_q), device=device, dtype=torch.float32)
+        return lse, (0,) + lse.stride()
+
+    def varlen_args(self):
+        if self.varlen is None:
+            return dict(CuSeqQ=None, CuSeqK=None, IS_VARLEN=False)
+        return dict(CuSeqQ=self.varlen.cu_seqlens_q, CuSeqK=self.varlen.cu_seqlens_k, IS_VARLEN=True)
+
+
+def problem(q, k, varlen: Varlen | None = None) -> Problem:
+    if varlen is None:
+        batch, seqlen_q, nheads, head_dim = q.shape
+        return Problem(batch, seqlen_q, k.shape[1], nheads, k.shape[2], head_dim)
+    return Problem(varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k,
+                   q.shape[1], k.shape[1], q.shape[2], varlen, total_q=q.shape[0])

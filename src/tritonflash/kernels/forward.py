@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, launch_meta
+from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, _seq_span, launch_meta, problem
 from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd, seq_bucket
 
 
@@ -89,6 +89,8 @@ def _attn_fwd(
     Bias,
     Slopes,
     KPM,
+    CuSeqQ,
+    CuSeqK,
     stride_q,
     stride_k,
     stride_v,
@@ -113,10 +115,14 @@ def _attn_fwd(
     BIAS_ROW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
 ):
     """Strides are tuples: q/k/v/o (batch, seq, head, dim), lse (batch, head, row),
-    bias (batch, head, row, col) with 0 on broadcast dims, slopes (batch, head), kpm (batch, col)."""
+    bias (batch, head, row, col) with 0 on broadcast dims, slopes (batch, head), kpm (batch, col).
+    Variable-length batches (``IS_VARLEN``) stack their sequences along the row dim with batch
+    stride 0; ``seqlen_q``/``seqlen_k`` are then the maxima and ``CuSeqQ``/``CuSeqK`` the
+    cumulative lengths."""
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_m = tl.program_id(0)
@@ -127,10 +133,15 @@ def _attn_fwd(
     off_b = pid_bh // nheads
     off_h = pid_bh % nheads
     off_hk = off_h // kv_group
+    start_q, seqlen_q = _seq_span(CuSeqQ, off_b, seqlen_q, IS_VARLEN)
+    start_k, seqlen_k = _seq_span(CuSeqK, off_b, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
 
-    q_ptr = Q + off_b * stride_q[0] + off_h * stride_q[2]
-    k_ptr = K + off_b * stride_k[0] + off_hk * stride_k[2]
-    v_ptr = V + off_b * stride_v[0] + off_hk * stride_v[2]
+    q_ptr = Q + off_b * stride_q[0] + start_q * stride_q[1] + off_h * stride_q[2]
+    k_ptr = K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2]
+    v_ptr = V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2]
     q_rows = (stride_q[1], stride_q[3])
     k_rows = (stride_k[1], stride_k[3])
     v_rows = (stride_v[1], stride_v[3])
@@ -172,29 +183,29 @@ def _attn_fwd(
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
     rows, cols = offs_m[:, None], offs_d[None, :]
-    o_ptrs = Out + off_b * stride_o[0] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]))
+    o_ptrs = Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]))
     tl.store(o_ptrs, _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
-    lse_ptr = Lse + off_b * stride_lse[0] + off_h * stride_lse[1]
+    lse_ptr = Lse + off_b * stride_lse[0] + off_h * stride_lse[1] + start_q * stride_lse[2]
     tl.store(lse_ptr + offs_m * stride_lse[2], lse, mask=offs_m < seqlen_q)
 
 
 _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 
 
-def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, out=None):
+def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, out=None, varlen=None):
     """Launch the forward kernel. Inputs are already validated and normalised by the caller:
-    q (b, sq, h, d), k/v (b, sk, h_k, d), bias a rank-4 view broadcastable to (b, h, sq, sk)
-    (or None), alibi_slopes (b or 1, h) fp32 (or None), key_padding_mask (b, sk) uint8 (or None).
-    Returns (out, lse)."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    q (b, sq, h, d), k/v (b, sk, h_k, d) — or, with ``varlen`` (a ``Varlen``), q (total_q, h, d)
+    and k/v (total_k, h_k, d) — bias a rank-4 view broadcastable to (b, h, sq, sk) (or None),
+    alibi_slopes (b or 1, h) fp32 (or None), key_padding_mask (b, sk) uint8 (or None).
+    Returns (out, lse); lse is (b, h, sq), or (h, total_q) for varlen."""
+    pb = problem(q, k, varlen)
     if out is None:
         out = torch.empty_like(q)
-    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-    meta = launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask)
+    lse, stride_lse = pb.lse_empty(q.device)
+    meta = launch_meta(q, pb.head_dim, causal, bias, alibi_slopes, key_padding_mask)
 
     def grid(m):
-        return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)
+        return (triton.cdiv(pb.seqlen_q, m["BLOCK_M"]), pb.batch * pb.nheads)
 
     _launch_fwd(
         grid,
@@ -206,21 +217,22 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
         Bias=meta.bias,
         Slopes=meta.slopes,
         KPM=meta.kpm,
-        stride_q=q.stride(),
-        stride_k=k.stride(),
-        stride_v=v.stride(),
-        stride_o=out.stride(),
-        stride_lse=lse.stride(),
+        stride_q=pb.strides(q),
+        stride_k=pb.strides(k),
+        stride_v=pb.strides(v),
+        stride_o=pb.strides(out),
+        stride_lse=stride_lse,
         stride_bias=meta.stride_bias,
         stride_slopes=meta.stride_slopes,
         stride_kpm=meta.stride_kpm,
-        nheads=nheads,
-        kv_group=nheads // nheads_k,
-        seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k,
-        head_dim=head_dim,
-        tune_bucket=seq_bucket(seqlen_q, seqlen_k),
+        nheads=pb.nheads,
+        kv_group=pb.nheads // pb.nheads_k,
+        seqlen_q=pb.seqlen_q,
+        seqlen_k=pb.seqlen_k,
+        head_dim=pb.head_dim,
+        tune_bucket=seq_bucket(pb.seqlen_q, pb.seqlen_k),
         qk_scale=softmax_scale * 1.4426950408889634,
+        **pb.varlen_args(),
         **meta.constexprs,
     )
     return out, lse

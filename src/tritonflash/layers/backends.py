@@ -199,8 +199,9 @@ def flash_attn_fn(
     _, _, seqlen_q, seqlen_k = c.shape
     q, k, v = (x.transpose(1, 2) for x in (c.q, c.k, c.v))  # (b, heads, s, d)
     dropout_p = dropout_p if training else 0.0
-    only_causal = c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None
-    if only_causal and (not c.causal or seqlen_q == seqlen_k or seqlen_q == 1):
+    no_additive_terms = c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None
+    if no_additive_terms and (not c.causal or seqlen_q == seqlen_k or seqlen_q == 1):
+        # SDPA's own is_causal (top-left) equals ours here; no mask lets PyTorch pick flash.
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=c.causal and seqlen_q > 1, scale=c.softmax_scale,
             enable_gqa=n_heads != kv_n_heads,
