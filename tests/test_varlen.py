@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import DEVICE, ON_GPU
 from helpers import FWD_FACTOR, GRAD_FACTOR, assert_close_to_ref
-
 from tritonflash import (
     attention_ref,
     flash_attn_func,

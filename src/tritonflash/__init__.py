@@ -10,8 +10,8 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
 )
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
-from .padding import pad_input, unpad_input
 from .bias import build_alibi_bias, gen_slopes
+from .padding import pad_input, unpad_input
 from .reference import attention_ref
 
 __version__ = "0.1.0"

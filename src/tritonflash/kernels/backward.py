@@ -15,7 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, _seq_span, launch_meta, problem
+from .common import (
+    LOG2E,
+    _alibi_slope,
+    _cast,
+    _causal_split,
+    _dot,
+    _load_bias,
+    _load_tile,
+    _ptr_offset,
+    _score,
+    _seq_span,
+    launch_meta,
+    problem,
+)
 from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, BWD_KEY, Launcher, prune_bwd_dkdv, prune_bwd_dq, seq_bucket
 
 # DBIAS_KIND values: which pass writes the bias gradient.

@@ -7,7 +7,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, _alibi_slope, _cast, _causal_split, _dot, _load_bias, _load_tile, _ptr_offset, _score, _seq_span, launch_meta, problem
+from .common import (
+    LN2,
+    _alibi_slope,
+    _cast,
+    _causal_split,
+    _dot,
+    _load_bias,
+    _load_tile,
+    _ptr_offset,
+    _score,
+    _seq_span,
+    launch_meta,
+    problem,
+)
 from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd, seq_bucket
 
 
