@@ -4,8 +4,9 @@ torch.nn.MultiheadAttention, KV-cache decoding, bias builders, configuration err
 Tolerance (TESTING.md's rule, applied to a whole layer): the oracle is the 'torch' backend in
 float64. A backend's error on every output and gradient (input and parameters) must be within
 ``factor x`` the error of the *baseline* plus a floor of two rounding steps of the precision
-the backend computes in. The baseline is the 'torch' backend on the same layer with q, k, v
-rounded to that precision (for 'triton' in an fp32 layer: bf16, the kernels' dtype).
+the backend computes in (for fp32, at least 1e-5 of the tensor's largest value: PyTorch's fp32
+tolerance). The baseline is the 'torch' backend on the same layer with q, k, v rounded to that
+precision (for 'triton' in an fp32 layer: bf16, the kernels' dtype).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def assert_within(name, x, x_ref, x_base, factor, floor_dtype):
     err = (x.double() - xr).abs().max().item()
     err_base = (x_base.double() - xr).abs().max().item()
     floor = 2 * ((xr.to(floor_dtype) + 0.3 - 0.3).double() - xr).abs().max().item()
+    if torch.finfo(floor_dtype).bits >= 32:
+        # fp32 kernels (SDPA's on GPU) reduce in other orders than the eager baseline: allow
+        # PyTorch's fp32 tolerance (assert_close's atol 1e-5) at the tensor's scale.
+        floor = max(floor, 1e-5 * xr.abs().max().item())
     budget = factor * err_base + floor
     assert err <= budget, (
         f"{name}: max error {err:.3e} > budget {budget:.3e} ({factor} x baseline error {err_base:.3e} + floor {floor:.3e})"

@@ -62,14 +62,15 @@ BWD_DQ_CONFIGS = [
 ]
 
 
-def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n):
+def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, staged_mn=0):
     """Rough shared memory, 2 bytes an element: tiles streamed through the software pipeline
-    (times its stages) plus tiles loaded once and kept (they may be staged in shared memory
-    for the tensor cores too)."""
+    (times its stages), tiles loaded once and kept, and [M, N] score tiles staged as dot
+    operands (seen in the dQ pass on H200: (128, 128, 8 warps, 2 stages) at head dim 128 needs
+    262144 bytes, two [128, 128] tiles more than the operand tiles)."""
     m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     streamed = (streamed_m * m + streamed_n * n) * max(cfg.num_stages, 1)
     resident = resident_m * m + resident_n * n
-    return 2 * block_d * (streamed + resident)
+    return 2 * (block_d * (streamed + resident) + staged_mn * m * n)
 
 
 def _prune(configs, args, **tiles):
@@ -94,7 +95,7 @@ def prune_bwd_dkdv(configs, nargs, **kwargs):
 
 def prune_bwd_dq(configs, nargs, **kwargs):
     # dQ keeps Q and dO and streams K and V.
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0)
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0, staged_mn=2)
 
 
 class Launcher:
