@@ -99,7 +99,7 @@ def main(argv=None):
                     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                     flops = flops_fwd
                 else:
-                    ms = triton.testing.do_bench(lambda: torch.autograd.grad(fn(), (q, k, v), dout), warmup=25, rep=100,
+                    ms = triton.testing.do_bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), dout), warmup=25, rep=100,
                                                  return_mode="median")
                     flops = 3.5 * flops_fwd
                 rows.append(dict(row, **{"pass": p, "ms": ms, "tflops": flops / ms / 1e9}))
