@@ -58,6 +58,9 @@ BWD_DQ_CONFIGS = [
     _cfg(128, 128, 8, 2),
     _cfg(64, 64, 4, 3),
     _cfg(64, 128, 8, 2),
+    # Head dim 256: a 64-row tile is the largest that fits, and wgmma needs 64 rows (a
+    # 32-row tile falls back to mma.sync; tests/test_compile_sm90.py checks).
+    _cfg(64, 32, 4, 2),
     _cfg(32, 64, 4, 2),
 ]
 

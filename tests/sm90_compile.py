@@ -1,0 +1,105 @@
+"""Compile the kernels for sm_90 on a machine without a GPU (run as a subprocess by
+test_compile_sm90.py, since the test process runs Triton in interpreter mode).
+
+Triton's frontend and NVIDIA backend (LLVM, ptxas) need no GPU; only the driver does. A stand-in
+driver reports an sm_90 target, and ``JITFunction.run`` is made compile-only, so the real
+launchers (``attn_fwd``/``attn_bwd``) build exactly the arguments a GPU launch would get.
+Prints one JSON line per compiled kernel: name, variant, shared memory, whether wgmma is used.
+"""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITONFLASH_AUTOTUNE"] = "0"
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver, jit  # noqa: E402
+
+
+class _SM90Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+driver.set_active(_SM90Driver())
+_compiled = []
+_run = jit.JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    _compiled.append((self.fn.__name__, kernel))
+    return kernel
+
+
+jit.JITFunction.run = _compile_only
+
+from tritonflash.kernels import Varlen, attn_bwd, attn_fwd, backward, forward  # noqa: E402
+
+
+def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype):
+    b, s, h = 2, 96, 4
+    hk = 2 if gqa else h
+    dt = getattr(torch, dtype)
+    vl = None
+    if varlen:
+        q = torch.empty(2 * s, h, d, dtype=dt)
+        k = torch.empty(2 * s, hk, d, dtype=dt)
+        cu = torch.tensor([0, s, 2 * s], dtype=torch.int32)
+        vl = Varlen(cu, cu, s, s)
+    else:
+        q = torch.empty(b, s, h, d, dtype=dt)
+        k = torch.empty(b, s, hk, d, dtype=dt)
+    bias_t, rows = None, 0
+    if bias == "row":
+        bias_t, rows = torch.empty(1, h, s, s).expand(b, h, s, s), s
+    elif bias == "vec":
+        bias_t, rows = torch.empty(1, h, 1, s), 1
+    slopes = torch.empty(1, h) if alibi else None
+    mask = torch.empty(b, s, dtype=torch.uint8) if kpm else None
+    out, lse = attn_fwd(q, k, k, bias_t, slopes, mask, causal, 0.1, varlen=vl)
+    attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, dbias_rows=rows, varlen=vl)
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    launchers = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq}
+    for case in spec["cases"]:
+        forced = case.pop("force", None)
+        if forced:
+            which, (bm, bn, warps, stages) = forced
+            launchers[which].forced = next(
+                c for c in launchers[which].candidates
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bm, bn, warps, stages)
+            )
+        _compiled.clear()
+        label = json.dumps({**case, "force": forced}, sort_keys=True)
+        try:
+            run_case(**case)
+            for name, kern in _compiled:
+                print(json.dumps({"case": label, "kernel": name, "shared": kern.metadata.shared,
+                                  "wgmma": "wgmma.mma_async" in kern.asm["ptx"]}), flush=True)
+        except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+            print(json.dumps({"case": label, "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+        finally:
+            for launcher in launchers.values():
+                launcher.forced = None
+
+
+if __name__ == "__main__":
+    main()

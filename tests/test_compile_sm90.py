@@ -1,0 +1,77 @@
+"""The kernels compile for Hopper (sm_90) — checked on the CPU tier, without a GPU.
+
+Guards what the interpreter cannot see: Triton compile errors that only the GPU path raises
+(e.g. a module global that is not a ``tl.constexpr``: once every GPU test failed on it while the
+CPU tier was green), autotune candidates that the prune keeps but that exceed sm_90's shared
+memory (head dim 256 and a dQ tile once did, with OutOfResources at launch), and the use of
+wgmma (Hopper's tensor-core instruction) by the three attention kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ON_GPU
+
+from tritonflash.kernels import configs
+
+SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
+HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="the GPU tier compiles and runs these for real")
+
+VARIANTS = [
+    dict(d=64, causal=False, bias=None, alibi=False, kpm=False, gqa=False, varlen=False, dtype="bfloat16"),
+    dict(d=128, causal=True, bias=None, alibi=True, kpm=False, gqa=True, varlen=False, dtype="float16"),
+    dict(d=59, causal=True, bias="row", alibi=False, kpm=True, gqa=False, varlen=False, dtype="bfloat16"),
+    dict(d=40, causal=False, bias="vec", alibi=True, kpm=True, gqa=True, varlen=False, dtype="float16"),
+    dict(d=256, causal=True, bias="row", alibi=True, kpm=False, gqa=False, varlen=False, dtype="bfloat16"),
+    dict(d=16, causal=True, bias=None, alibi=True, kpm=False, gqa=True, varlen=True, dtype="bfloat16"),
+]
+
+
+def _candidate_cases():
+    cases = []
+    for which, launcher in (("fwd", configs.prune_fwd), ("dkdv", configs.prune_bwd_dkdv), ("dq", configs.prune_bwd_dq)):
+        candidates = {"fwd": configs.FWD_CONFIGS, "dkdv": configs.BWD_DKDV_CONFIGS, "dq": configs.BWD_DQ_CONFIGS}[which]
+        for d in (64, 128, 256):
+            for c in launcher(candidates, {}, BLOCK_D=d):
+                cfg = [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]
+                cases.append(dict(d=d, causal=True, bias="row", alibi=True, kpm=False, gqa=False, varlen=False,
+                                  dtype="bfloat16", force=[which, cfg]))
+    return cases
+
+
+def _compile(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(HERE / "sm90_compile.py"), json.dumps({"cases": cases})],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_variant_compiles_for_sm90_with_wgmma():
+    rows = _compile([dict(v) for v in VARIANTS])
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
+    names = {r["kernel"] for r in rows}
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess"} <= names
+    for r in rows:
+        assert r["shared"] <= SM90_SHARED_LIMIT, r
+        if r["kernel"] != "_attn_bwd_preprocess":
+            assert r["wgmma"], f"{r['kernel']} does not use wgmma for {r['case']}"
+
+
+def test_every_kept_autotune_candidate_fits_sm90_shared_memory():
+    """configs.prune_* must drop every candidate that would fail with OutOfResources on sm_90."""
+    rows = _compile(_candidate_cases())
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
+    too_big = [r for r in rows if r["shared"] > SM90_SHARED_LIMIT]
+    assert not too_big, "\n".join(f"{r['case']} {r['kernel']}: {r['shared']} bytes" for r in too_big)
