@@ -149,3 +149,22 @@ def test_everything_combined():
     out, lse = flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes, key_padding_mask=kpm, return_lse=True)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=True,
                             alibi_slopes=slopes, key_padding_mask=kpm, lse=lse)
+
+
+def test_key_padding_mask_with_strided_columns():
+    """Regression: a mask whose last dim is not unit-stride (a transpose, an expand) was read as
+    if contiguous (review finding); it must give the same result as its contiguous copy."""
+    sq, sk = 9, 40
+    q, k, v = make_qkv(B, sq, sk, H, 16, torch.float16, DEVICE)
+    for kpm in ((torch.rand(sk, B, device=DEVICE) > 0.5).T, (torch.rand(B, 1, device=DEVICE) > -1).expand(B, sk)):
+        assert kpm.stride(-1) != 1
+        out = flash_attn_func(q, k, v, key_padding_mask=kpm)
+        check_against_reference(out, q, k, v, torch.randn_like(out), key_padding_mask=kpm.contiguous(), check_grads=False)
+
+
+def test_alibi_slopes_requiring_grad_is_refused():
+    """Regression: the gradient of slopes that require grad was silently dropped (review finding)."""
+    q, k, v = make_qkv(B, 8, 8, H, 16, torch.float16, DEVICE)
+    slopes = torch.rand(H, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match=r"alibi_slopes must not require grad"):
+        flash_attn_func(q, k, v, alibi_slopes=slopes)

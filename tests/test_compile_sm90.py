@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ON_GPU
 
+from conftest import ON_GPU
 from tritonflash.kernels import configs
 
 SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200

@@ -81,6 +81,20 @@ def test_large_offsets_packed_qkv():
         assert torch.equal(dqkv[last, :, i, -2:], g[i]), f"{name} of the last batch/heads differs past 2**31"
 
 
+def test_large_offsets_within_one_slice():
+    """Regression (review finding): batch 1 with row * row_stride past 2**31 inside one (batch, head)
+    slice — offsets within a slice must be int64 too, not only batch/head offsets."""
+    s, h, d = 266000, 64, 128
+    q = torch.randn(1, s, h, d, dtype=torch.float16, device="cuda")
+    assert q.numel() > 2**31
+    k, v = (torch.randn(1, 64, 1, d, dtype=torch.float16, device="cuda") for _ in range(2))
+    out = flash_attn_func(q, k, v)
+    tail = slice(s - 100, s)
+    q_t = q[:, tail, -2:].contiguous().requires_grad_()
+    k_t, v_t = (t.expand(1, 64, 2, d).contiguous().requires_grad_() for t in (k, v))
+    check_against_reference(out[:, tail, -2:], q_t, k_t, v_t, None, check_grads=False)
+
+
 def test_memory_is_linear_in_seqlen():
     """fwd+bwd with ALiBi at seqlen 16k adds O(seqlen) bytes beyond q, k, v, out and grads."""
     b, s, h, d = 1, 16384, 16, 128

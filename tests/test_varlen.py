@@ -168,3 +168,17 @@ def test_cpu_reference_fallback_matches_kernels(monkeypatch):
     out_r, lse_r = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), None, True, return_lse=True)
     torch.testing.assert_close(out_r, out_k, rtol=0, atol=2e-3)
     torch.testing.assert_close(lse_r, lse_k, rtol=0, atol=1e-4)
+
+
+def test_non_contiguous_cu_seqlens():
+    """Regression: a strided cu_seqlens passed validation (its values are fine) and the kernels then
+    read it with unit stride, past its end (illegal memory access on GPU; review finding)."""
+    lens = [3, 7, 5]
+    storage = torch.full((8,), 99, dtype=torch.int32, device=DEVICE)
+    storage[::2] = _cu(lens)
+    cu = storage[::2]
+    assert cu.stride(0) == 2
+    q = torch.randn(sum(lens), 2, 16, dtype=torch.float16, device=DEVICE)
+    out = flash_attn_varlen_func(q, q, q, cu, cu, 7, 7, causal=True)
+    ref = flash_attn_varlen_func(q, q, q, cu.contiguous(), cu.contiguous(), 7, 7, causal=True)
+    assert torch.equal(out, ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import Inputs, prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .checks import Inputs, contiguous_cu_seqlens, prepare, prepare_varlen, unpack_kv, unpack_qkv
 from .kernels import Varlen, attn_bwd, attn_fwd
 
 __all__ = ["FlashAttnFunc", "FlashAttnQKVPackedFunc", "FlashAttnKVPackedFunc", "FlashAttnVarlenFunc"]
@@ -95,7 +95,8 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                 causal=False, alibi_slopes=None, return_lse=False):
         inp = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes)
-        return _forward(ctx, inp, return_lse, Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        varlen = Varlen(contiguous_cu_seqlens(cu_seqlens_q), contiguous_cu_seqlens(cu_seqlens_k), max_seqlen_q, max_seqlen_k)
+        return _forward(ctx, inp, return_lse, varlen)
 
     @staticmethod
     def backward(ctx, dout, *_):

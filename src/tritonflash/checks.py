@@ -120,6 +120,11 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
             raise ValueError(
                 f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
             )
+        if alibi_slopes.requires_grad:
+            raise ValueError(
+                "alibi_slopes must not require grad: the kernels treat slopes as constants and return no gradient "
+                "for them; pass alibi_slopes.detach(), or a bias tensor if the ALiBi term must be learned"
+            )
         slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
     kpm = None
     if key_padding_mask is not None:
@@ -133,7 +138,8 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
                 f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        kpm = key_padding_mask
+        # The kernels read one mask row with unit stride (it is small: copy if needed).
+        kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
     return Inputs(
         q=_last_dim_unit(q),
         k=None,
@@ -191,6 +197,11 @@ def _check_cu_seqlens(name, cu, total, device):
     if values[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of packed rows {total}, got {values[-1]}")
     return max(steps)
+
+
+def contiguous_cu_seqlens(cu):
+    """The kernels read cu_seqlens with unit stride."""
+    return cu if cu.stride(0) == 1 else cu.contiguous()
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes):

@@ -47,8 +47,10 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 @triton.jit
 def _ptr_offset(rows, cols, strides):
-    """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair."""
-    return rows * strides[0] + cols * strides[1]
+    """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair. Rows are
+    widened to int64: row * row_stride passes 2**31 inside one (batch, head) slice for long
+    sequences (batch-1 packed qkv, a (seqlen_q, seqlen_k) bias of 46k x 46k)."""
+    return rows.to(tl.int64) * strides[0] + cols * strides[1]
 
 
 @triton.jit
