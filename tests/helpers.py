@@ -49,12 +49,6 @@ def make_qkv(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, device, nheads_
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def grads(out, inputs, dout):
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    gs = torch.autograd.grad(out, wanted, dout, allow_unused=False)
-    return dict(zip([id(t) for t in wanted], gs))
-
-
 def check_against_reference(fn_out, q, k, v, dout, *, bias=None, causal=False, softmax_scale=None,
                             alibi_slopes=None, key_padding_mask=None, lse=None, check_grads=True):
     """Compare a kernel's out (and lse, and gradients of q, k, v, bias) with the rule."""

@@ -12,7 +12,7 @@ import os
 import torch
 
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
-from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv, unpack_varlen_kv, unpack_varlen_qkv
 from .reference import attention_ref
 
 __all__ = [
@@ -125,10 +125,7 @@ def flash_attn_varlen_func(
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *,
                                      alibi_slopes=None, return_lse=False):
     """``flash_attn_varlen_func`` on a packed qkv (total, 3, nheads, headdim), used as views."""
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"qkv must have shape (total_tokens, 3, nheads, headdim), got {shape}")
-    q, k, v = qkv.unbind(1)
+    q, k, v = unpack_varlen_qkv(qkv)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
                                   alibi_slopes=alibi_slopes, return_lse=return_lse)
 
@@ -136,9 +133,6 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, softmax_scale=
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                                     causal=False, *, alibi_slopes=None, return_lse=False):
     """``flash_attn_varlen_func`` with a packed kv (total_k, 2, nheads_k, headdim), used as views."""
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
-        shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
-        raise ValueError(f"kv must have shape (total_tokens, 2, nheads_k, headdim), got {shape}")
-    k, v = kv.unbind(1)
+    k, v = unpack_varlen_kv(kv)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                                   alibi_slopes=alibi_slopes, return_lse=return_lse)

@@ -80,17 +80,17 @@ def check_qkv(q, k, v):
         )
 
 
-def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> Inputs:
-    """Validate the optional arguments against q (b, sq, h, d) and k (b, sk, h_k, d)."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> Inputs:
+    """Validate the optional arguments against ``sizes`` = (batch, seqlen_q, seqlen_k, nheads,
+    head_dim) on ``device``. Returns Inputs without q, k, v (the caller sets them)."""
+    batch, seqlen_q, seqlen_k, nheads, head_dim = sizes
     bias4, bias_shape = None, None
     if bias is not None:
         _tensor("bias", bias)
         if bias.dtype not in _BIAS_DTYPES:
             raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
-        if bias.device != q.device:
-            raise ValueError(f"bias must be on q's device {q.device}, got {bias.device}")
+        if bias.device != device:
+            raise ValueError(f"bias must be on q's device {device}, got {bias.device}")
         shape4 = bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, seqlen_k)
         if shape4 is None:
             raise ValueError(
@@ -114,8 +114,8 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
         _tensor("alibi_slopes", alibi_slopes)
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        if alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
         if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
             raise ValueError(
                 f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
@@ -131,8 +131,8 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask must be on q's device {device}, got {key_padding_mask.device}")
         if tuple(key_padding_mask.shape) != (batch, seqlen_k):
             raise ValueError(
                 f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}), "
@@ -141,7 +141,7 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
         # The kernels read one mask row with unit stride (it is small: copy if needed).
         kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
     return Inputs(
-        q=_last_dim_unit(q),
+        q=None,
         k=None,
         v=None,
         bias=bias4,
@@ -155,28 +155,38 @@ def check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_m
 
 def prepare(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
     check_qkv(q, k, v)
-    inputs = check_options(q, k, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
-    inputs.k = _last_dim_unit(k)
-    inputs.v = _last_dim_unit(v)
+    batch, seqlen_q, nheads, head_dim = q.shape
+    sizes = (batch, seqlen_q, k.shape[1], nheads, head_dim)
+    inputs = check_options(sizes, q.device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
+    inputs.q, inputs.k, inputs.v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     return inputs
 
 
+def _unpack(name, x, layout):
+    """Split a packed tensor into views along its one integer entry of ``layout``."""
+    _tensor(name, x)
+    axis = next(i for i, dim in enumerate(layout) if isinstance(dim, int))
+    if x.dim() != len(layout) or x.shape[axis] != layout[axis]:
+        raise ValueError(f"{name} must have shape ({', '.join(map(str, layout))}), got {tuple(x.shape)}")
+    if x.dtype not in _QKV_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}; cast with {name}.to(torch.bfloat16)")
+    return x.unbind(axis)
+
+
 def unpack_qkv(qkv):
-    _tensor("qkv", qkv)
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
-    if qkv.dtype not in _QKV_DTYPES:
-        raise TypeError(f"qkv must be float16 or bfloat16, got {qkv.dtype}; cast with qkv.to(torch.bfloat16)")
-    return qkv.unbind(2)
+    return _unpack("qkv", qkv, ("batch", "seqlen", 3, "nheads", "headdim"))
 
 
 def unpack_kv(kv):
-    _tensor("kv", kv)
-    if kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
-    if kv.dtype not in _QKV_DTYPES:
-        raise TypeError(f"kv must be float16 or bfloat16, got {kv.dtype}; cast with kv.to(torch.bfloat16)")
-    return kv.unbind(2)
+    return _unpack("kv", kv, ("batch", "seqlen_k", 2, "nheads_k", "headdim"))
+
+
+def unpack_varlen_qkv(qkv):
+    return _unpack("qkv", qkv, ("total_tokens", 3, "nheads", "headdim"))
+
+
+def unpack_varlen_kv(kv):
+    return _unpack("kv", kv, ("total_tokens", 2, "nheads_k", "headdim"))
 
 
 def _check_cu_seqlens(name, cu, total, device):
@@ -223,8 +233,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise TypeError(f"{name} must be an int, got {_type_name(given)}")
         if given < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
-    batch = cu_seqlens_q.numel() - 1
-    dummy_q = q.new_empty((batch, 1, q.shape[1], q.shape[2]))
-    inputs = check_options(dummy_q, k.unsqueeze(0).expand(batch, -1, -1, -1), None, causal, softmax_scale, alibi_slopes, None)
+    sizes = (cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1], q.shape[2])
+    inputs = check_options(sizes, q.device, None, causal, softmax_scale, alibi_slopes, None)
     inputs.q, inputs.k, inputs.v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     return inputs
