@@ -67,18 +67,19 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype):
         k = torch.empty(b, s, hk, d, dtype=dt)
     bias_t, rows = None, 0
     if bias == "row":
-        bias_t, rows = torch.empty(1, h, s, s).expand(b, h, s, s), s
+        bias_t, rows = torch.empty(1, h, s, s, dtype=getattr(torch, os.environ.get("SM90_BIAS_DTYPE", "float32"))).expand(b, h, s, s), s
     elif bias == "vec":
         bias_t, rows = torch.empty(1, h, 1, s), 1
     slopes = torch.empty(1, h) if alibi else None
     mask = torch.empty(b, s, dtype=torch.uint8) if kpm else None
     out, lse = attn_fwd(q, k, k, bias_t, slopes, mask, causal, 0.1, varlen=vl)
-    attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, dbias_rows=rows, varlen=vl)
+    attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, bias_grad=rows > 0, varlen=vl)
 
 
 def main():
     spec = json.loads(sys.argv[1])
-    launchers = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq}
+    launchers = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq,
+                 "dbias": backward._launch_dbias}
     for case in spec["cases"]:
         forced = case.pop("force", None)
         if forced:

@@ -20,6 +20,8 @@ BIAS_SHAPES = {
     "bhqk": lambda sq, sk: (B, H, sq, sk),
     "qk": lambda sq, sk: (sq, sk),
     "bhq1": lambda sq, sk: (B, H, sq, 1),
+    "b1qk": lambda sq, sk: (B, 1, sq, sk),
+    "1hq1": lambda sq, sk: (1, H, sq, 1),
 }
 BIAS_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 

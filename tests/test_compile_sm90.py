@@ -4,7 +4,7 @@ Guards what the interpreter cannot see: Triton compile errors that only the GPU 
 (e.g. a module global that is not a ``tl.constexpr``: once every GPU test failed on it while the
 CPU tier was green), autotune candidates that the prune keeps but that exceed sm_90's shared
 memory (head dim 256 and a dQ tile once did, with OutOfResources at launch), and the use of
-wgmma (Hopper's tensor-core instruction) by the three attention kernels.
+wgmma (Hopper's tensor-core instruction) by every attention kernel.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ VARIANTS = [
 
 def _candidate_cases():
     cases = []
-    for which, launcher in (("fwd", configs.prune_fwd), ("dkdv", configs.prune_bwd_dkdv), ("dq", configs.prune_bwd_dq)):
-        candidates = {"fwd": configs.FWD_CONFIGS, "dkdv": configs.BWD_DKDV_CONFIGS, "dq": configs.BWD_DQ_CONFIGS}[which]
+    for which, launcher in (("fwd", configs.prune_fwd), ("dkdv", configs.prune_bwd_dkdv), ("dq", configs.prune_bwd_dq),
+                            ("dbias", configs.prune_bwd_dbias)):
+        candidates = {"fwd": configs.FWD_CONFIGS, "dkdv": configs.BWD_DKDV_CONFIGS, "dq": configs.BWD_DQ_CONFIGS,
+                      "dbias": configs.BWD_DBIAS_CONFIGS}[which]
         for d in (64, 128, 256):
             for c in launcher(candidates, {}, BLOCK_D=d):
                 cfg = [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]
@@ -61,7 +63,7 @@ def test_every_variant_compiles_for_sm90_with_wgmma():
     errors = [r for r in rows if "error" in r]
     assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
     names = {r["kernel"] for r in rows}
-    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess"} <= names
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dbias", "_attn_bwd_preprocess"} <= names
     for r in rows:
         assert r["shared"] <= SM90_SHARED_LIMIT, r
         if r["kernel"] != "_attn_bwd_preprocess":

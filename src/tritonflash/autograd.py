@@ -28,14 +28,12 @@ def _backward(ctx, dout, bias_needs_grad, dq=None, dk=None, dv=None):
     q, k, v, out, lse, bias, slopes, kpm = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dbias_rows = bias.shape[2] if (bias is not None and bias_needs_grad) else 0
     dq, dk, dv, dbias = attn_bwd(
         dout, q, k, v, out, lse, bias, slopes, kpm, ctx.causal, ctx.softmax_scale,
-        dq=dq, dk=dk, dv=dv, dbias_rows=dbias_rows, varlen=ctx.varlen,
+        dq=dq, dk=dk, dv=dv, bias_grad=bias_needs_grad, varlen=ctx.varlen,
     )
     if dbias is not None:
-        # Sum over the dims the bias broadcasts along (deterministic torch reductions).
-        dbias = dbias.sum_to_size(bias.shape).reshape(ctx.bias_shape).to(bias.dtype)
+        dbias = dbias.reshape(ctx.bias_shape)
     return dq, dk, dv, dbias
 
 

@@ -49,8 +49,16 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 def _ptr_offset(rows, cols, strides):
     """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair. Rows are
     widened to int64: row * row_stride passes 2**31 inside one (batch, head) slice for long
-    sequences (batch-1 packed qkv, a (seqlen_q, seqlen_k) bias of 46k x 46k)."""
+    sequences (batch-1 packed qkv, a (seqlen_q, seqlen_k) bias of 46k x 46k). Inner loops call
+    this once, before the loop, and move the tile with ``_shift``: per-element 64-bit products
+    inside the loop cost 2-9% (docs/perf-notes.md, change 3)."""
     return rows.to(tl.int64) * strides[0] + cols * strides[1]
+
+
+@triton.jit
+def _shift(start, stride):
+    """Scalar offset of the tile that starts ``start`` rows further on (int64: no overflow)."""
+    return tl.cast(start, tl.int64) * stride
 
 
 @triton.jit
@@ -83,6 +91,22 @@ def _seq_span(CuSeqlens, off_b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _batch_head(pid, batch, nheads, BATCH_INNER: tl.constexpr):
+    """(batch, head) of a program from its index along the batch*heads grid axis (int64).
+    ``BATCH_INNER`` (used with a bias that has a row dimension) runs the batches of one head
+    next to each other: a bias shared by the batch is then read from HBM once and from L2 by
+    the other batches. Otherwise the heads of one batch are adjacent (GQA groups share K/V)."""
+    pid = pid.to(tl.int64)
+    if BATCH_INNER:
+        off_b = pid % batch
+        off_h = pid // batch
+    else:
+        off_b = pid // nheads
+        off_h = pid % nheads
+    return off_b, off_h
+
+
+@triton.jit
 def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
     """ALiBi slope of one (batch, head), times -log2(e) so that it adds in log2 units."""
     slope = 0.0
@@ -92,20 +116,34 @@ def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _load_bias(bias_ptr, offs_m, offs_n, seqlen_q, seqlen_k, stride_bias,
+def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr):
+    """Pointers of the bias tile at query rows ``offs_m`` and keys ``offs_n`` (1-D): a
+    [M, N] tile, or one [N] vector when the bias has no row dimension."""
+    ptrs = bias_ptr
+    if HAS_BIAS:
+        if BIAS_ROW:
+            ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias)
+        else:
+            ptrs = bias_ptr + offs_n * stride_bias[1]
+    return ptrs
+
+
+@triton.jit
+def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k,
                HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
-    """The bias for query rows ``offs_m`` and keys ``offs_n`` (1-D), as a [M, N] tile, or
-    [N, M] when ``TRANS`` (the dK/dV pass). A bias without a row dimension is one vector
-    per key block. The tile is always read row-major (coalesced along keys) and transposed in
-    registers: a transposed pointer walk would read with stride seqlen_k."""
+    """The bias at ``ptrs + shift`` (from ``_bias_ptrs``), for query rows ``offs_m`` and keys
+    ``offs_n`` (1-D, already shifted), as a [M, N] tile, or [N, M] when ``TRANS`` (the dK/dV
+    pass). A bias without a row dimension is one vector per key block. The tile is always read
+    row-major (coalesced along keys) and transposed in registers: a transposed pointer walk
+    would read with stride seqlen_k."""
     if HAS_BIAS:
         if BIAS_ROW:
             mask = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-            bias = tl.load(bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias), mask=mask, other=0.0)
+            bias = tl.load(ptrs + shift, mask=mask, other=0.0)
             if TRANS:
                 bias = tl.trans(bias)
         else:
-            vec = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
+            vec = tl.load(ptrs + shift, mask=offs_n < seqlen_k, other=0.0)
             if TRANS:
                 bias = vec[:, None]
             else:

@@ -18,7 +18,8 @@ AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "1") == "1" and not INTERPRET
 # The autotuner also appends the dtype of every tensor argument to the key. ``tune_bucket``
 # is a coarse length class (see seq_bucket): a tile tuned at 1k is not always best at 16k.
 FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM", "tune_bucket"]
-BWD_KEY = FWD_KEY + ["DBIAS_KIND"]
+BWD_KEY = FWD_KEY + ["DBIAS_COLS"]
+DBIAS_KEY = FWD_KEY + ["SUM_KEYS"]
 
 
 def seq_bucket(seqlen_q, seqlen_k):
@@ -63,6 +64,15 @@ BWD_DQ_CONFIGS = [
     _cfg(64, 32, 4, 2),
     _cfg(32, 64, 4, 2),
 ]
+# The bias-gradient pass streams Q, dO, K and V (one summed (batch, head) slice a step).
+BWD_DBIAS_CONFIGS = [
+    _cfg(128, 128, 8, 2),
+    _cfg(128, 64, 8, 3),
+    _cfg(64, 128, 8, 2),
+    _cfg(64, 64, 4, 3),
+    _cfg(128, 64, 4, 2),
+    _cfg(64, 32, 4, 2),
+]
 
 
 def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, staged_mn=0):
@@ -99,6 +109,10 @@ def prune_bwd_dkdv(configs, nargs, **kwargs):
 def prune_bwd_dq(configs, nargs, **kwargs):
     # dQ keeps Q and dO and streams K and V.
     return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0, staged_mn=2)
+
+
+def prune_bwd_dbias(configs, nargs, **kwargs):
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0)
 
 
 class Launcher:

@@ -10,6 +10,8 @@ import triton.language as tl
 from .common import (
     LN2,
     _alibi_slope,
+    _batch_head,
+    _bias_ptrs,
     _cast,
     _causal_split,
     _dot,
@@ -18,6 +20,7 @@ from .common import (
     _ptr_offset,
     _score,
     _seq_span,
+    _shift,
     launch_meta,
     problem,
 )
@@ -59,16 +62,21 @@ def _attn_fwd_inner(
     """Online-softmax step over key blocks [lo, hi). ``MASK`` selects the diagonal / tail
     variant that applies the causal and key-bound masks; the off-band blocks skip them."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    # Tile pointers at key 0, moved by a scalar offset per block (see _ptr_offset).
+    k_ptrs = k_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_k)
+    v_ptrs = v_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_v)
+    bias_ptrs = _bias_ptrs(bias_ptr, offs_m, offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
     # The bias tile feeds no tl.dot, so the compiler does not pipeline it: prefetch it one
     # key block ahead by hand.
-    bias_next = _load_bias(bias_ptr, offs_m, lo + offs_n0, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
+    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         bias = bias_next
-        bias_next = _load_bias(bias_ptr, offs_m, offs_n + BLOCK_N, seqlen_q, seqlen_k, stride_bias, HAS_BIAS, BIAS_ROW, False)
+        bias_next = _load_bias(
+            bias_ptrs, _shift(start_n + BLOCK_N, stride_bias[1]), offs_m, offs_n + BLOCK_N, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, False,
+        )
         k = _load_tile(
-            k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k),
-            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            k_ptrs + _shift(start_n, stride_k[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
@@ -84,8 +92,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_tile(
-            v_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_v),
-            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            v_ptrs + _shift(start_n, stride_v[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         acc = _dot(_cast(p, v.dtype, INTERP_BF16), v, acc, INTERP_BF16)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
@@ -112,6 +119,7 @@ def _attn_fwd(
     stride_bias,
     stride_slopes,
     stride_kpm,
+    batch,
     nheads,
     kv_group,
     seqlen_q,
@@ -142,9 +150,7 @@ def _attn_fwd(
     if CAUSAL:
         # Later query blocks see more keys: start them first so the tail of the grid is short.
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1).to(tl.int64)
-    off_b = pid_bh // nheads
-    off_h = pid_bh % nheads
+    off_b, off_h = _batch_head(tl.program_id(1), batch, nheads, BIAS_ROW)
     off_hk = off_h // kv_group
     start_q, seqlen_q = _seq_span(CuSeqQ, off_b, seqlen_q, IS_VARLEN)
     start_k, seqlen_k = _seq_span(CuSeqK, off_b, seqlen_k, IS_VARLEN)
@@ -238,6 +244,7 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
         stride_bias=meta.stride_bias,
         stride_slopes=meta.stride_slopes,
         stride_kpm=meta.stride_kpm,
+        batch=pb.batch,
         nheads=pb.nheads,
         kv_group=pb.nheads // pb.nheads_k,
         seqlen_q=pb.seqlen_q,
