@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
 from helpers import check_against_reference, make_qkv
 from tritonflash import flash_attn_func
+from tritonflash.bias import MASKED_BIAS
 
 B, H = 2, 3
 # (seqlen_q, seqlen_k): odd, swapped, non-multiples of the tiles.
@@ -95,6 +98,34 @@ def test_finfo_min_added_twice(dtype):
     out = flash_attn_func(q, k, v, bias)
     assert torch.isfinite(out).all()
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_masked_bias_threshold(bias_dtype):
+    """The kernels add bias * log2(e) with no masking test: entries at or below MASKED_BIAS
+    must overflow to -inf there (a row of them is dead: output 0, lse -inf), and the first
+    values above it must stay finite (the row is alive), exactly as the reference decides."""
+    sq, sk = 8, 40
+    q, k, v = make_qkv(1, sq, sk, 2, 16, torch.bfloat16, DEVICE)
+    at = torch.tensor(MASKED_BIAS, dtype=bias_dtype)
+    assert at.item() <= MASKED_BIAS or bias_dtype != torch.float32
+    below = at if at.item() <= MASKED_BIAS else torch.nextafter(at, torch.tensor(-math.inf, dtype=bias_dtype))
+    above = torch.nextafter(below, torch.tensor(0.0, dtype=bias_dtype))
+    assert below.item() <= MASKED_BIAS < above.item()
+    bias = torch.zeros(1, 2, sq, sk, dtype=bias_dtype, device=DEVICE)
+    bias[0, 0, 2] = below.item()
+    bias[0, 1, 5] = above.item()
+    bias.requires_grad_()
+    out, lse = flash_attn_func(q, k, v, bias, return_lse=True)
+    assert (out[0, 2, 0] == 0).all() and torch.isneginf(lse[0, 0, 2])
+    assert torch.isfinite(out).all() and torch.isfinite(lse[0, 1]).all()
+    # The alive row's scores are ~-3.4e38 in log2 units, where fp32 cannot hold lse = m + log2(l)
+    # (ulp ~2e31): its P cannot be recomputed from the LSE in the backward (true of any row
+    # whose visible scores all pass ~1e8; README, known limits). Its dout is zeroed, so the
+    # gradient check covers the dead row and every other row.
+    dout = torch.randn_like(out)
+    dout[0, 5, 1] = 0
+    check_against_reference(out, q, k, v, dout, bias=bias, lse=lse)
 
 
 @pytest.mark.parametrize("per_batch", [False, True], ids=["slopes_h", "slopes_bh"])

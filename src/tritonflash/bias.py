@@ -6,12 +6,21 @@ import math
 
 import torch
 
-# Bias entries at or below this count as -inf (masked). Only finfo.min-style masks of fp32 and
-# bf16 reach it; such scores cannot be told apart in log2 space, so a row masked that way is
-# a row with no visible key (output 0, lse -inf), in the kernels and the reference alike.
-MASKED_BIAS = -2.3e38
+# Bias entries at or below this count as -inf (masked). It is the fp32 value below which
+# bias * log2(e) overflows to -inf in fp32: the kernels add the bias in log2 units, so there such
+# entries are -inf without a test, and a row masked that way is a row with no visible key
+# (output 0, lse -inf), in the kernels and the reference alike. finfo.min-style masks of fp32
+# and bf16 (about -3.4e38) are below it; fp16 cannot reach it.
+MASKED_BIAS = -2.3586576387363357e38
 
-__all__ = ["MASKED_BIAS", "gen_slopes", "build_alibi_bias", "bias_broadcast_shape", "alibi_slopes_to_bias"]
+__all__ = ["MASKED_BIAS", "masked_bias_entries", "gen_slopes", "build_alibi_bias", "bias_broadcast_shape", "alibi_slopes_to_bias"]
+
+
+def masked_bias_entries(bias: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the bias entries that count as -inf (compared in fp32 or wider: a
+    16-bit comparison would round MASKED_BIAS first)."""
+    wide = bias if bias.dtype in (torch.float32, torch.float64) else bias.float()
+    return wide <= MASKED_BIAS
 
 
 def gen_slopes(n_heads: int, alibi_bias_max: int = 8, device=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .bias import MASKED_BIAS, alibi_slopes_to_bias
+from .bias import alibi_slopes_to_bias, masked_bias_entries
 
 __all__ = ["attention_ref"]
 
@@ -52,7 +52,7 @@ def attention_ref(
     else:
         scores = torch.einsum("bthd,bshd->bhts", q * scale, k)
     if bias is not None:
-        bias = bias.masked_fill(bias <= MASKED_BIAS, float("-inf"))
+        bias = bias.masked_fill(masked_bias_entries(bias), float("-inf"))
         scores = scores + bias.to(scores.dtype)
     if alibi_slopes is not None:
         scores = scores + alibi_slopes_to_bias(alibi_slopes, seqlen_q, seqlen_k).to(scores.dtype)

@@ -139,14 +139,15 @@ def _attn_bwd_dkdv_inner(
     # Tile pointers at row 0, moved by a scalar offset per block (see _ptr_offset).
     q_ptrs = q_ptr + _ptr_offset(offs_m0[:, None], offs_d[None, :], stride_q)
     do_ptrs = do_ptr + _ptr_offset(offs_m0[:, None], offs_d[None, :], stride_do)
-    bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, offs_n, stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[0]), lo + offs_m0, offs_n, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, True)
+    # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
+    bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW)
+    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[0]), lo + offs_m0, offs_n, seqlen_q, seqlen_k,
+                           HAS_BIAS, BIAS_ROW, True, True, False)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         bias = bias_next
-        bias_next = _load_bias(
-            bias_ptrs, _shift(start_m + BLOCK_M, stride_bias[0]), offs_m + BLOCK_M, offs_n, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, True,
-        )
+        bias_next = _load_bias(bias_ptrs, _shift(start_m + BLOCK_M, stride_bias[0]), offs_m + BLOCK_M, offs_n, seqlen_q, seqlen_k,
+                               HAS_BIAS, BIAS_ROW, True, True, False)
         q = _load_tile(
             q_ptrs + _shift(start_m, stride_q[0]), offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
@@ -345,14 +346,19 @@ def _attn_bwd_dq_inner(
     # Tile pointers at key 0, moved by a scalar offset per block (see _ptr_offset).
     k_ptrs = k_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_k)
     v_ptrs = v_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_v)
-    bias_ptrs = _bias_ptrs(bias_ptr, offs_m, offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, False)
+    # As in the forward: rows clamped, the off-diagonal prefetch clamped instead of masked.
+    bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
+    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k,
+                           HAS_BIAS, BIAS_ROW, False, False, True)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         bias = bias_next
-        bias_next = _load_bias(
-            bias_ptrs, _shift(start_n + BLOCK_N, stride_bias[1]), offs_m, offs_n + BLOCK_N, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, False,
-        )
+        if MASK:
+            next_n = start_n + BLOCK_N
+        else:
+            next_n = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
+        bias_next = _load_bias(bias_ptrs, _shift(next_n, stride_bias[1]), offs_m, next_n + offs_n0, seqlen_q, seqlen_k,
+                               HAS_BIAS, BIAS_ROW, False, False, MASK)
         k = _load_tile(
             k_ptrs + _shift(start_n, stride_k[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
@@ -530,7 +536,7 @@ def _attn_bwd_dbias(
     do_offs = _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_do[1], stride_do[3]))
     k_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_k[1], stride_k[3]))
     v_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_v[1], stride_v[3]))
-    bias_ptrs = _bias_ptrs(Bias + first_b * stride_bias[0] + first_h * stride_bias[1], offs_m, offs_n0,
+    bias_ptrs = _bias_ptrs(Bias + first_b * stride_bias[0] + first_h * stride_bias[1], tl.minimum(offs_m, seqlen_q - 1), offs_n0,
                            (stride_bias[2], stride_bias[3]), HAS_BIAS, BIAS_ROW)
 
     _, hi = _causal_split(pid_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
@@ -542,7 +548,8 @@ def _attn_bwd_dbias(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[3]), offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS, BIAS_ROW, False)
+        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[3]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, False, False, True)
         for r in range(0, sum_batch * sum_heads):
             off_b = first_b + r // sum_heads
             off_h = first_h + r % sum_heads

@@ -14,13 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bias import MASKED_BIAS as _MASKED_BIAS
 from .configs import INTERPRET
 
 # Globals read inside @triton.jit must be tl.constexpr instances (an annotation is not enough).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
 
 
 @triton.jit
@@ -129,21 +127,24 @@ def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BI
 
 
 @triton.jit
-def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k,
-               HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
+def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
+               TRANS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """The bias at ``ptrs + shift`` (from ``_bias_ptrs``), for query rows ``offs_m`` and keys
     ``offs_n`` (1-D, already shifted), as a [M, N] tile, or [N, M] when ``TRANS`` (the dK/dV
     pass). A bias without a row dimension is one vector per key block. The tile is always read
     row-major (coalesced along keys) and transposed in registers: a transposed pointer walk
-    would read with stride seqlen_k."""
+    would read with stride seqlen_k. Rows / columns are bounds-checked only when asked: the
+    callers clamp the indices that do not move (a clamped row or key is never used)."""
     if HAS_BIAS:
         if BIAS_ROW:
-            mask = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-            bias = tl.load(ptrs + shift, mask=mask, other=0.0)
+            bias = _load_tile(ptrs + shift, offs_m[:, None], seqlen_q, offs_n[None, :], seqlen_k, MASK_ROWS, MASK_COLS)
             if TRANS:
                 bias = tl.trans(bias)
         else:
-            vec = tl.load(ptrs + shift, mask=offs_n < seqlen_k, other=0.0)
+            if MASK_COLS:
+                vec = tl.load(ptrs + shift, mask=offs_n < seqlen_k, other=0.0)
+            else:
+                vec = tl.load(ptrs + shift)
             if TRANS:
                 bias = vec[:, None]
             else:
@@ -178,10 +179,9 @@ def _score(
     """
     s = qk * qk_scale
     if HAS_BIAS:
-        bias = bias.to(tl.float32)
-        # finfo.min-style masks count as -inf (bias.MASKED_BIAS): times log2(e) they would
-        # overflow anyway, and a row of them cannot be recomputed from its LSE.
-        s += tl.where(bias > MASKED_BIAS, bias * LOG2E, float("-inf"))
+        # Entries <= bias.MASKED_BIAS (finfo.min-style masks) overflow to -inf here, as the
+        # reference masks them; no per-element test needed.
+        s += bias.to(tl.float32) * LOG2E
     if HAS_ALIBI:
         dist = tl.abs(offs_m + (seqlen_k - seqlen_q) - offs_n).to(tl.float32)
         s += slope * dist

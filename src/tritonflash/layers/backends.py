@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import flash_attn_func
-from ..bias import MASKED_BIAS, alibi_slopes_to_bias
+from ..bias import alibi_slopes_to_bias, masked_bias_entries
 from .attn_bias import MASK_VALUE, slice_attn_bias
 
 __all__ = [
@@ -125,7 +125,7 @@ def _additive_mask(c: _Call) -> torch.Tensor | None:
     mask = torch.zeros(1, 1, 1, 1, device=dev)
     if c.bias is not None:
         # finfo.min-style masks count as -inf, as in the kernels and the reference.
-        mask = mask + c.bias.float().masked_fill(c.bias <= MASKED_BIAS, MASK_VALUE)
+        mask = mask + c.bias.float().masked_fill(masked_bias_entries(c.bias), MASK_VALUE)
     if c.alibi_slopes is not None:
         mask = mask + alibi_slopes_to_bias(c.alibi_slopes, seqlen_q, seqlen_k)
     if c.key_padding_mask is not None:
