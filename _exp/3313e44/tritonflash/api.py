@@ -1,0 +1,144 @@
+"""Public functions: validate, normalise views, dispatch.
+
+CUDA tensors run the Triton kernels. CPU tensors run the reference (``attention_ref``) with
+the same semantics, unless ``TRITON_INTERPRET=1``, in which case the Triton kernels
+themselves run in the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
+from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .reference import attention_ref
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+]
+
+
+def _use_kernels(x) -> bool:
+    # Anything that is not a tensor goes on to validation, which names the argument.
+    return not isinstance(x, torch.Tensor) or x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse):
+    inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
+    return attention_ref(
+        inp.q, inp.k, inp.v, bias, inp.causal, inp.softmax_scale,
+        alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask, return_lse=return_lse,
+    )
+
+
+def flash_attn_func(
+    q, k, v, bias=None, causal=False, softmax_scale=None, *,
+    alibi_slopes=None, key_padding_mask=None, return_lse=False,
+):
+    """Scaled dot-product attention ``softmax(scale * q k^T + bias + alibi) v``.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
+    nheads % nheads_k == 0 (GQA/MQA, k/v never expanded). fp16 or bf16, headdim 1..256.
+    bias: broadcastable to (batch, nheads, seqlen_q, seqlen_k), fp32/fp16/bf16; if it
+    requires grad its gradient has its own shape. causal: aligned bottom-right.
+    alibi_slopes: (nheads,) or (batch, nheads) fp32, ALiBi computed in-kernel.
+    key_padding_mask: (batch, seqlen_k) bool, True = keep.
+    Returns out (batch, seqlen_q, nheads, headdim), and lse (batch, nheads, seqlen_q) fp32
+    when ``return_lse``.
+    """
+    if not _use_kernels(q):
+        return _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+    return FlashAttnFunc.apply(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+
+
+def flash_attn_qkvpacked_func(
+    qkv, bias=None, causal=False, softmax_scale=None, *,
+    alibi_slopes=None, key_padding_mask=None, return_lse=False,
+):
+    """``flash_attn_func`` on a packed qkv (batch, seqlen, 3, nheads, headdim), used as views."""
+    if not _use_kernels(qkv):
+        q, k, v = unpack_qkv(qkv)
+        return _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+    return FlashAttnQKVPackedFunc.apply(qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+
+
+def flash_attn_kvpacked_func(
+    q, kv, bias=None, causal=False, softmax_scale=None, *,
+    alibi_slopes=None, key_padding_mask=None, return_lse=False,
+):
+    """``flash_attn_func`` with a packed kv (batch, seqlen_k, 2, nheads_k, headdim), used as views."""
+    if not _use_kernels(q):
+        k, v = unpack_kv(kv)
+        return _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+    return FlashAttnKVPackedFunc.apply(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
+
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                      alibi_slopes, return_lse):
+    inp = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        slopes = None if inp.alibi_slopes is None else inp.alibi_slopes[i if inp.alibi_slopes.shape[0] > 1 else 0]
+        qi, ki, vi = (t[a:b].unsqueeze(0) for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1])))
+        if qi.shape[1] == 0:
+            continue
+        if ki.shape[1] == 0:  # no keys at all: every row is fully masked
+            outs.append(torch.zeros_like(qi[0]))
+            lses.append(torch.full((q.shape[1], qi.shape[1]), float("-inf"), device=q.device))
+            continue
+        o, lse = attention_ref(qi, ki, vi, None, inp.causal, inp.softmax_scale, alibi_slopes=slopes, return_lse=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs) if outs else torch.zeros_like(q)
+    lse = torch.cat(lses, dim=1) if lses else torch.full((q.shape[1], 0), float("-inf"), device=q.device)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False, *,
+    alibi_slopes=None, return_lse=False,
+):
+    """Attention over a packed batch of variable-length sequences (no padding).
+
+    q: (total_q, nheads, headdim), k/v: (total_k, nheads_k, headdim); ``cu_seqlens_q/k`` int32
+    (batch + 1,) cumulative lengths starting at 0 (zero-length sequences allowed);
+    ``max_seqlen_q/k`` at least the longest sequence. Causal is aligned bottom-right per
+    sequence. Additive bias tensors are not supported here (use ``flash_attn_func`` on a padded
+    batch with ``key_padding_mask``); ALiBi via ``alibi_slopes`` is. Returns out
+    (total_q, nheads, headdim) and, with ``return_lse``, lse (nheads, total_q).
+    """
+    if not _use_kernels(q):
+        return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                 alibi_slopes, return_lse)
+    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                     alibi_slopes, return_lse)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *,
+                                     alibi_slopes=None, return_lse=False):
+    """``flash_attn_varlen_func`` on a packed qkv (total, 3, nheads, headdim), used as views."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape (total_tokens, 3, nheads, headdim), got {shape}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
+                                  alibi_slopes=alibi_slopes, return_lse=return_lse)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                                    causal=False, *, alibi_slopes=None, return_lse=False):
+    """``flash_attn_varlen_func`` with a packed kv (total_k, 2, nheads_k, headdim), used as views."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+        raise ValueError(f"kv must have shape (total_tokens, 2, nheads_k, headdim), got {shape}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                  alibi_slopes=alibi_slopes, return_lse=return_lse)

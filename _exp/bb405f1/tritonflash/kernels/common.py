@@ -1,0 +1,271 @@
+"""Shared ``@triton.jit`` helpers: the score modification (scale, bias, ALiBi, masks) and
+the tensor-core product, used by the forward and both backward kernels.
+
+Scores are kept in log2 units (the natural-log score times log2(e)) so that the softmax
+uses ``exp2``; the launchers fold log2(e) into ``qk_scale`` and into the ALiBi slope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..bias import MASKED_BIAS as _MASKED_BIAS
+from .configs import INTERPRET
+
+# Globals read inside @triton.jit must be tl.constexpr instances (an annotation is not enough).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERP_BF16: tl.constexpr):
+    # Triton 3.6's interpreter multiplies the raw uint16 bits of bf16 operands, so under
+    # the interpreter bf16 operands are upcast (exact: a bf16 product fits in fp32).
+    if INTERP_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    # Triton 3.6's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even;
+    # round by hand there so both give the same bits (finite values).
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _ptr_offset(rows, cols, strides):
+    """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair."""
+    return rows * strides[0] + cols * strides[1]
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a tile, masking rows >= n_rows and/or cols >= n_cols (read as 0) only when asked."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows < n_rows, other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=cols < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _seq_span(CuSeqlens, off_b, seqlen, IS_VARLEN: tl.constexpr):
+    """(first row, length) of batch entry ``off_b``: from ``cu_seqlens`` for packed
+    variable-length batches (rows of all sequences stacked, batch stride 0), else (0, seqlen)."""
+    if IS_VARLEN:
+        start = tl.load(CuSeqlens + off_b)
+        seqlen = tl.load(CuSeqlens + off_b + 1) - start
+        start = start.to(tl.int64)
+    else:
+        start = 0
+    return start, seqlen
+
+
+@triton.jit
+def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of one (batch, head), times -log2(e) so that it adds in log2 units."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -LOG2E
+    return slope
+
+
+@triton.jit
+def _load_bias(bias_ptr, offs_m, offs_n, seqlen_q, seqlen_k, stride_bias,
+               HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
+    """The bias for query rows ``offs_m`` and keys ``offs_n`` (1-D), as a [M, N] tile, or
+    [N, M] when ``TRANS`` (the dK/dV pass). A bias without a row dimension is one vector
+    per key block. The tile is always read row-major (coalesced along keys) and transposed in
+    registers: a transposed pointer walk would read with stride seqlen_k."""
+    if HAS_BIAS:
+        if BIAS_ROW:
+            mask = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+            bias = tl.load(bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias), mask=mask, other=0.0)
+            if TRANS:
+                bias = tl.trans(bias)
+        else:
+            vec = tl.load(bias_ptr + offs_n * stride_bias[1], mask=offs_n < seqlen_k, other=0.0)
+            if TRANS:
+                bias = vec[:, None]
+            else:
+                bias = vec[None, :]
+    else:
+        bias = 0.0
+    return bias
+
+
+@triton.jit
+def _score(
+    qk,
+    bias,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    slope,
+    kpm_ptr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_N: tl.constexpr,
+):
+    """Scores in log2 units, -inf where a key is not visible.
+
+    ``offs_m`` and ``offs_n`` broadcast against ``qk``: ([M, 1], [1, N]) for a [M, N] tile
+    or ([1, M], [N, 1]) for the transposed tile of the dK/dV pass; ``bias`` comes from
+    ``_load_bias`` in the same orientation. ``slope`` is the ALiBi slope times -log2(e).
+    """
+    s = qk * qk_scale
+    if HAS_BIAS:
+        bias = bias.to(tl.float32)
+        # finfo.min-style masks count as -inf (bias.MASKED_BIAS): times log2(e) they would
+        # overflow anyway, and a row of them cannot be recomputed from its LSE.
+        s += tl.where(bias > MASKED_BIAS, bias * LOG2E, float("-inf"))
+    if HAS_ALIBI:
+        dist = tl.abs(offs_m + (seqlen_k - seqlen_q) - offs_n).to(tl.float32)
+        s += slope * dist
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + offs_n, mask=offs_n < seqlen_k, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_CAUSAL:
+        s = tl.where(offs_n <= offs_m + (seqlen_k - seqlen_q), s, float("-inf"))
+    if MASK_N:
+        s = tl.where(offs_n < seqlen_k, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _causal_split(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range of a query block: ``[0, split)`` needs no mask, ``[split, hi)`` does.
+
+    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+    ``split`` is a multiple of BLOCK_N; the partial last key block is always in the
+    masked range.
+    """
+    full_n = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        diag = start_m * BLOCK_M + seqlen_k - seqlen_q
+        hi = tl.minimum(tl.maximum(diag + BLOCK_M, 0), seqlen_k)
+        split = tl.minimum((tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N, full_n)
+        split = tl.minimum(split, hi)
+    else:
+        hi = seqlen_k
+        split = full_n
+    return split, hi
+
+
+@dataclass
+class LaunchMeta:
+    """Optional inputs turned into kernel arguments: tensors (or None), stride tuples and the
+    boolean constexprs that select the kernel variant."""
+
+    bias: torch.Tensor | None
+    stride_bias: tuple
+    slopes: torch.Tensor | None
+    stride_slopes: tuple
+    kpm: torch.Tensor | None
+    stride_kpm: tuple
+    constexprs: dict
+
+
+def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> LaunchMeta:
+    """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
+    (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    stride_bias = (0, 0, 0, 0)
+    bias_row = False
+    if bias is not None:
+        stride_bias = tuple(st if sz > 1 else 0 for st, sz in zip(bias.stride(), bias.shape))
+        bias_row = stride_bias[2] != 0
+    stride_slopes = (0, 0)
+    if alibi_slopes is not None:
+        stride_slopes = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
+    stride_kpm = (key_padding_mask.stride(0),) if key_padding_mask is not None else (0,)
+    return LaunchMeta(
+        bias=bias,
+        stride_bias=stride_bias,
+        slopes=alibi_slopes,
+        stride_slopes=stride_slopes,
+        kpm=key_padding_mask,
+        stride_kpm=stride_kpm,
+        constexprs=dict(
+            BLOCK_D=block_d,
+            EVEN_D=head_dim == block_d,
+            CAUSAL=bool(causal),
+            HAS_BIAS=bias is not None,
+            BIAS_ROW=bias_row,
+            HAS_ALIBI=alibi_slopes is not None,
+            HAS_KPM=key_padding_mask is not None,
+            INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
+        ),
+    )
+
+
+class Varlen(NamedTuple):
+    """Packed variable-length batch: rows of all sequences stacked, int32 cumulative lengths."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@dataclass
+class Problem:
+    """Sizes of one launch and the 4-D (batch, row, head, dim) strides the kernels index with."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    varlen: Varlen | None = None
+    total_q: int = 0  # rows of a packed varlen q
+
+    def strides(self, x):
+        # A packed varlen tensor (total, heads, dim) is a batch of one with batch stride 0;
+        # each program adds its sequence's first row.
+        return x.stride() if self.varlen is None else (0,) + tuple(x.stride())
+
+    def lse_empty(self, device):
+        if self.varlen is None:
+            lse = torch.empty((self.batch, self.nheads, self.seqlen_q), device=device, dtype=torch.float32)
+            return lse, lse.stride()
+        # Varlen lse is (nheads, total_q), as flash-attn returns it.
+        lse = torch.empty((self.nheads, self.total_q), device=device, dtype=torch.float32)
+        return lse, (0,) + lse.stride()
+
+    def varlen_args(self):
+        if self.varlen is None:
+            return dict(CuSeqQ=None, CuSeqK=None, IS_VARLEN=False)
+        return dict(CuSeqQ=self.varlen.cu_seqlens_q, CuSeqK=self.varlen.cu_seqlens_k, IS_VARLEN=True)
+
+
+def problem(q, k, varlen: Varlen | None = None) -> Problem:
+    if varlen is None:
+        batch, seqlen_q, nheads, head_dim = q.shape
+        return Problem(batch, seqlen_q, k.shape[1], nheads, k.shape[2], head_dim)
+    return Problem(varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k,
+                   q.shape[1], k.shape[1], q.shape[2], varlen, total_q=q.shape[0])

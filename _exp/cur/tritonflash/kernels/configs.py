@@ -1,0 +1,144 @@
+"""Tile, warp and pipeline choices per kernel.
+
+Autotune keys are coarse and explicit (head-dim tile, causal, bias kind, dtype); sequence
+lengths never enter them. Under the interpreter (CPU tier) one small config is pinned: it
+gives the same answers and keeps the tier fast. ``TRITONFLASH_AUTOTUNE=0`` pins the first
+(default) config on GPU too, so that tests compile each kernel variant once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "1") == "1" and not INTERPRET
+
+# The autotuner also appends the dtype of every tensor argument to the key. ``tune_bucket``
+# is a coarse length class (see seq_bucket): a tile tuned at 1k is not always best at 16k.
+FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM", "tune_bucket"]
+BWD_KEY = FWD_KEY + ["DBIAS_COLS"]
+DBIAS_KEY = FWD_KEY + ["SUM_KEYS"]
+
+
+def seq_bucket(seqlen_q, seqlen_k):
+    """Autotune length class: 0 up to 1k, 1 up to 4k, 2 beyond (never a compile key)."""
+    n = max(seqlen_q, seqlen_k)
+    return 0 if n <= 1024 else (1 if n <= 4096 else 2)
+
+
+def _cfg(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Interpreter: small tiles so that the odd CPU-tier shapes cross several blocks.
+INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+
+# Candidates, the default first. Listed for Hopper (sm90, 228 KB shared memory per SM).
+FWD_CONFIGS = [
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 2),
+    _cfg(128, 64, 8, 4),
+    _cfg(128, 128, 8, 3),
+    _cfg(128, 64, 4, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 32, 4, 2),
+]
+BWD_DKDV_CONFIGS = [
+    _cfg(64, 128, 8, 2),
+    _cfg(64, 128, 8, 3),
+    _cfg(128, 128, 8, 2),
+    _cfg(32, 128, 4, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(32, 64, 4, 2),
+]
+BWD_DQ_CONFIGS = [
+    _cfg(128, 64, 8, 2),
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 2),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 128, 8, 2),
+    # Head dim 256: a 64-row tile is the largest that fits, and wgmma needs 64 rows (a
+    # 32-row tile falls back to mma.sync; tests/test_compile_sm90.py checks).
+    _cfg(64, 32, 4, 2),
+    _cfg(32, 64, 4, 2),
+]
+# The bias-gradient pass streams Q, dO, K and V (one summed (batch, head) slice a step).
+BWD_DBIAS_CONFIGS = [
+    _cfg(128, 128, 8, 2),
+    _cfg(128, 64, 8, 3),
+    _cfg(64, 128, 8, 2),
+    _cfg(64, 64, 4, 3),
+    _cfg(128, 64, 4, 2),
+    _cfg(64, 32, 4, 2),
+]
+
+
+def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, staged_mn=0):
+    """Rough shared memory, 2 bytes an element: tiles streamed through the software pipeline
+    (times its stages), tiles loaded once and kept, and [M, N] score tiles staged as dot
+    operands (seen in the dQ pass on H200: (128, 128, 8 warps, 2 stages) at head dim 128 needs
+    262144 bytes, two [128, 128] tiles more than the operand tiles)."""
+    m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    streamed = (streamed_m * m + streamed_n * n) * max(cfg.num_stages, 1)
+    resident = resident_m * m + resident_n * n
+    return 2 * (block_d * (streamed + resident) + staged_mn * m * n)
+
+
+def _prune(configs, args, **tiles):
+    block_d = args["BLOCK_D"]
+    # Reason: above ~220 KB a config fails with OutOfResources on sm90 (232448 bytes per block),
+    # and tiles larger than 64x64 at head dim 256 spill registers.
+    kept = [c for c in configs if _smem_bytes(c, block_d, **tiles) <= 200_000]
+    if block_d >= 256:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or [_cfg(32, 32, 4, 1)]
+
+
+def prune_fwd(configs, nargs, **kwargs):
+    # The forward keeps Q and streams K and V.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=1, resident_n=0)
+
+
+def prune_bwd_dkdv(configs, nargs, **kwargs):
+    # dK/dV keeps K and V and streams Q and dO.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=0, resident_m=0, resident_n=2)
+
+
+def prune_bwd_dq(configs, nargs, **kwargs):
+    # dQ keeps Q and dO and streams K and V.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0, staged_mn=2)
+
+
+def prune_bwd_dbias(configs, nargs, **kwargs):
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0)
+
+
+class Launcher:
+    """Launches one jit kernel either autotuned over ``candidates`` or with the first
+    candidate that survives ``prune`` (the interpreter's pinned config under TRITON_INTERPRET)."""
+
+    def __init__(self, kernel, candidates, key, prune):
+        self.kernel = kernel
+        self.candidates = candidates
+        self.prune = prune
+        self.tuned = None
+        if AUTOTUNE:
+            self.tuned = triton.autotune(configs=candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        # Tests set this to run one given candidate (every config must give the same answer).
+        self.forced = None
+
+    def config(self, kwargs):
+        if self.forced is not None:
+            return self.forced
+        if INTERPRET:
+            return INTERPRET_CONFIG
+        return self.prune(self.candidates, {}, **kwargs)[0]
+
+    def __call__(self, grid, **kwargs):
+        if self.tuned is not None and self.forced is None:
+            return self.tuned[grid](**kwargs)
+        cfg = self.config(kwargs)
+        meta = {**kwargs, **cfg.kwargs}
+        return self.kernel[grid(meta)](**kwargs, **cfg.all_kwargs())

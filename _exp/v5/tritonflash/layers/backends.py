@@ -1,0 +1,259 @@
+"""The attention backends of the MPT layers: one signature, three implementations.
+
+``fn(query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None,
+attn_bias=None, key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False,
+needs_weights=False, alibi_slopes=None) -> (context, attn_weights, past_key_value)``
+
+- query ``(batch, seqlen_q, n_heads * head_dim)``; key, value ``(batch, seqlen_new, kv_n_heads * head_dim)``.
+- past_key_value: ``None``/``()`` or ``(k, v)``, each ``(batch, seqlen_past, kv_n_heads, head_dim)``
+  (the flash-attn layout, the same on every backend, so a cache can move between them). The new
+  keys and values are appended after it; the returned ``past_key_value`` is the whole
+  ``(k, v)``, so ``seqlen_k = seqlen_past + seqlen_new``.
+- attn_bias: sliced to its last ``seqlen_q`` rows and ``seqlen_k`` columns (``slice_attn_bias``).
+- key_padding_mask ``(batch, seqlen_k)`` bool, True = keep. is_causal: bottom-right aligned.
+- alibi_slopes ``(n_heads,)`` or ``(batch, n_heads)`` fp32: adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+- context ``(batch, seqlen_q, n_heads * head_dim)`` in query's dtype; attn_weights
+  ``(batch, n_heads, seqlen_q, seqlen_k)`` when ``needs_weights`` (torch backend only), else None.
+- A query row with no visible key gives 0 on every backend (and zero gradients), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..api import flash_attn_func
+from ..bias import alibi_slopes_to_bias, masked_bias_entries
+from .attn_bias import MASK_VALUE, slice_attn_bias
+
+__all__ = [
+    "scaled_multihead_dot_product_attention",
+    "flash_attn_fn",
+    "triton_flash_attn_fn",
+    "ATTN_FNS",
+    "triton_compute_dtype",
+]
+
+
+@dataclass
+class _Call:
+    """One attention call, validated, in the (batch, seqlen, heads, head_dim) layout."""
+
+    q: torch.Tensor  # (b, sq, h, d)
+    k: torch.Tensor  # (b, sk, h_k, d), cache included
+    v: torch.Tensor  # (b, sk, h_k, d)
+    past_key_value: tuple[torch.Tensor, torch.Tensor]
+    bias: torch.Tensor | None  # rank 4, broadcastable to (b, h, sq, sk)
+    key_padding_mask: torch.Tensor | None  # (b, sk) bool
+    causal: bool
+    softmax_scale: float
+    alibi_slopes: torch.Tensor | None
+
+    @property
+    def shape(self):
+        """(batch, n_heads, seqlen_q, seqlen_k)"""
+        return self.q.shape[0], self.q.shape[2], self.q.shape[1], self.k.shape[1]
+
+
+def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+             key_padding_mask, is_causal, dropout_p, alibi_slopes) -> _Call:
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape (batch, seqlen, heads * head_dim), got {tuple(x.shape)}")
+    if n_heads < 1 or kv_n_heads < 1 or n_heads % kv_n_heads != 0:
+        raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of kv_n_heads ({kv_n_heads})")
+    if query.shape[-1] % n_heads != 0:
+        raise ValueError(f"query's last dim {query.shape[-1]} is not divisible by n_heads {n_heads}")
+    head_dim = query.shape[-1] // n_heads
+    batch, seqlen_q = query.shape[:2]
+    for name, x in (("key", key), ("value", value)):
+        if x.shape[0] != batch or x.shape[-1] != kv_n_heads * head_dim:
+            raise ValueError(
+                f"{name} must have shape (batch={batch}, seqlen, kv_n_heads * head_dim={kv_n_heads * head_dim}), "
+                f"got {tuple(x.shape)}"
+            )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    q = query.unflatten(-1, (n_heads, head_dim))
+    k = key.unflatten(-1, (kv_n_heads, head_dim))
+    v = value.unflatten(-1, (kv_n_heads, head_dim))
+    if past_key_value is not None and len(past_key_value) > 0:
+        k_past, v_past = past_key_value
+        want = (batch, kv_n_heads, head_dim)
+        for name, x in (("past key", k_past), ("past value", v_past)):
+            if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != want:
+                raise ValueError(
+                    f"past_key_value's {name} must have shape (batch, seqlen_past, kv_n_heads, head_dim) = "
+                    f"({batch}, seqlen_past, {kv_n_heads}, {head_dim}) (the flash-attn layout on every backend), "
+                    f"got {tuple(x.shape)}"
+                )
+        k = torch.cat([k_past, k], dim=1)
+        v = torch.cat([v_past, v], dim=1)
+    seqlen_k = k.shape[1]
+    bias = slice_attn_bias(attn_bias, batch, n_heads, seqlen_q, seqlen_k)
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask (attention_mask) must be bool (True = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+            raise ValueError(
+                f"key_padding_mask (attention_mask) must have shape (batch, seqlen_past + seqlen_new) = "
+                f"({batch}, {seqlen_k}), got {tuple(key_padding_mask.shape)}"
+            )
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((n_heads,), (batch, n_heads)):
+        raise ValueError(f"alibi_slopes must have shape ({n_heads},) or ({batch}, {n_heads}), got {tuple(alibi_slopes.shape)}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    return _Call(q, k, v, (k, v), bias, key_padding_mask, bool(is_causal), float(scale), alibi_slopes)
+
+
+def _causal_mask(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """(seqlen_q, seqlen_k) bool, True where query i must not see key j (bottom-right aligned)."""
+    i = torch.arange(seqlen_q, device=device).view(-1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, -1)
+    return j > i + seqlen_k - seqlen_q
+
+
+def _additive_mask(c: _Call) -> torch.Tensor | None:
+    """Bias + ALiBi + padding + causal as one fp32 additive mask broadcastable to
+    (batch, n_heads, seqlen_q, seqlen_k), ``-inf`` where masked; None if there is nothing to add."""
+    batch, _, seqlen_q, seqlen_k = c.shape
+    dev = c.q.device
+    if c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None and not (c.causal and seqlen_q > 1):
+        return None
+    mask = torch.zeros(1, 1, 1, 1, device=dev)
+    if c.bias is not None:
+        # finfo.min-style masks count as -inf, as in the kernels and the reference.
+        mask = mask + c.bias.float().masked_fill(masked_bias_entries(c.bias), MASK_VALUE)
+    if c.alibi_slopes is not None:
+        mask = mask + alibi_slopes_to_bias(c.alibi_slopes, seqlen_q, seqlen_k)
+    if c.key_padding_mask is not None:
+        mask = mask.masked_fill(~c.key_padding_mask.view(batch, 1, 1, seqlen_k), MASK_VALUE)
+    if c.causal and seqlen_q > 1:
+        mask = mask.masked_fill(_causal_mask(seqlen_q, seqlen_k, dev), MASK_VALUE)
+    return mask
+
+
+def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(…, seqlen_q, 1) bool: query rows that see no key. Their scores are neutralised before
+    softmax and their outputs zeroed after (DESIGN.md: output 0, zero gradients, never NaN)."""
+    return torch.isneginf(mask).all(dim=-1, keepdim=True)
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    # (b, h, sq, d) -> (b, sq, h * d)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # (b, h_k, s, d) -> (b, h, s, d); query head i uses kv head i // (h / h_k)
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def scaled_multihead_dot_product_attention(
+    query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
+    key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+):
+    """'torch' backend: eager matmul + softmax, computed in fp32 (or wider) whatever the input
+    dtype; supports ``needs_weights`` (weights after dropout) and dropout. See the module doc."""
+    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
+    math_dtype = torch.promote_types(query.dtype, torch.float32)
+    q = c.q.transpose(1, 2).to(math_dtype)  # (b, h, sq, d)
+    k = _expand_kv(c.k.transpose(1, 2).to(math_dtype), n_heads)  # (b, h, sk, d)
+    v = _expand_kv(c.v.transpose(1, 2).to(math_dtype), n_heads)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * c.softmax_scale  # (b, h, sq, sk)
+    mask = _additive_mask(c)
+    dead = None
+    if mask is not None:
+        scores = scores + mask
+        dead = _dead_rows(mask)
+        scores = scores.masked_fill(dead, 0.0)
+    weights = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        weights = weights.masked_fill(dead, 0.0)
+    if dropout_p > 0.0 and training:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    out = _merge_heads(torch.matmul(weights, v)).to(query.dtype)
+    return out, (weights.to(query.dtype) if needs_weights else None), c.past_key_value
+
+
+def flash_attn_fn(
+    query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
+    key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+):
+    """'flash' backend: ``torch.nn.functional.scaled_dot_product_attention``, PyTorch picks the
+    kernel (flash / cuDNN / memory-efficient / math). See the module doc.
+
+    With only a causal mask and ``seqlen_q == seqlen_k`` it uses SDPA's ``is_causal`` and GQA
+    natively (``enable_gqa``), so the flash kernel can run. Otherwise bias, ALiBi, padding and the
+    bottom-right causal mask (SDPA's ``is_causal`` is top-left aligned) are summed into one
+    additive mask in q's dtype (SDPA's rule), and k/v are expanded to n_heads because SDPA's fused
+    kernels do not take ``enable_gqa`` together with a mask (it would fall back to the math kernel)."""
+    if needs_weights:
+        raise NotImplementedError("attn_impl='flash' (PyTorch SDPA) cannot return attention weights (needs_weights=True); "
+                                  "use attn_impl='torch'")
+    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
+    _, _, seqlen_q, seqlen_k = c.shape
+    q, k, v = (x.transpose(1, 2) for x in (c.q, c.k, c.v))  # (b, heads, s, d)
+    dropout_p = dropout_p if training else 0.0
+    no_additive_terms = c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None
+    if no_additive_terms and (not c.causal or seqlen_q == seqlen_k or seqlen_q == 1):
+        # SDPA's own is_causal (top-left) equals ours here; no mask lets PyTorch pick flash.
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=c.causal and seqlen_q > 1, scale=c.softmax_scale,
+            enable_gqa=n_heads != kv_n_heads,
+        )
+        return _merge_heads(out), None, c.past_key_value
+    mask = _additive_mask(c)
+    dead = _dead_rows(mask)
+    mask = mask.masked_fill(dead, 0.0).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=mask, dropout_p=dropout_p, scale=c.softmax_scale,
+    )
+    return _merge_heads(out.masked_fill(dead, 0.0)), None, c.past_key_value
+
+
+def triton_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the 'triton' backend runs its kernels in for inputs of ``x``'s dtype: fp16 and
+    bf16 as they are; anything wider is cast to the active autocast dtype of its device, or to
+    bfloat16 (fp32's range, so activations that fit fp32 never overflow), and the output is cast
+    back."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.dtype
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.bfloat16
+
+
+def triton_flash_attn_fn(
+    query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
+    key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+):
+    """'triton' backend: ``tritonflash.flash_attn_func`` (GQA native, ALiBi and key padding
+    in-kernel, k/v never expanded). fp32 inputs run in ``triton_compute_dtype`` and the output
+    is cast back. No attention weights, no dropout. See the module doc."""
+    if needs_weights:
+        raise NotImplementedError("attn_impl='triton' cannot return attention weights (needs_weights=True); "
+                                  "use attn_impl='torch'")
+    if dropout_p > 0.0 and training:
+        raise NotImplementedError(f"attn_impl='triton' has no attention dropout (attn_pdrop={dropout_p} in training mode); "
+                                  "set attn_pdrop=0 or use attn_impl='torch' or 'flash'")
+    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
+    dtype = triton_compute_dtype(query)
+    out = flash_attn_func(
+        c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), c.bias, c.causal, c.softmax_scale,
+        alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask,
+    )
+    return out.flatten(2).to(query.dtype), None, c.past_key_value
+
+
+ATTN_FNS = {
+    "torch": scaled_multihead_dot_product_attention,
+    "flash": flash_attn_fn,
+    "triton": triton_flash_attn_fn,
+}
