@@ -52,7 +52,7 @@ jit.JITFunction.run = _compile_only
 from tritonflash.kernels import Varlen, attn_bwd, attn_fwd, backward, forward  # noqa: E402
 
 
-def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype):
+def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float32"):
     b, s, h = 2, 96, 4
     hk = 2 if gqa else h
     dt = getattr(torch, dtype)
@@ -67,7 +67,7 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype):
         k = torch.empty(b, s, hk, d, dtype=dt)
     bias_t, rows = None, 0
     if bias == "row":
-        bias_t, rows = torch.empty(1, h, s, s, dtype=getattr(torch, os.environ.get("SM90_BIAS_DTYPE", "float32"))).expand(b, h, s, s), s
+        bias_t, rows = torch.empty(1, h, s, s, dtype=getattr(torch, bias_dtype)).expand(b, h, s, s), s
     elif bias == "vec":
         bias_t, rows = torch.empty(1, h, 1, s), 1
     slopes = torch.empty(1, h) if alibi else None
@@ -76,12 +76,29 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype):
     attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, bias_grad=rows > 0, varlen=vl)
 
 
+def _ptxas_serialises_wgmma(ptx):
+    """ptxas warning C7515: wgmma serialised because other instructions write its accumulator
+    registers inside a pipeline stage (register pressure); it cost 10-15% on the H200."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    return "C7515" in proc.stderr
+
+
 def main():
     spec = json.loads(sys.argv[1])
     launchers = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq,
                  "dbias": backward._launch_dbias}
     for case in spec["cases"]:
         forced = case.pop("force", None)
+        check_serial = case.pop("check_serial", False)
         if forced:
             which, (bm, bn, warps, stages) = forced
             launchers[which].forced = next(
@@ -93,8 +110,10 @@ def main():
         try:
             run_case(**case)
             for name, kern in _compiled:
-                print(json.dumps({"case": label, "kernel": name, "shared": kern.metadata.shared,
-                                  "wgmma": "wgmma.mma_async" in kern.asm["ptx"]}), flush=True)
+                row = {"case": label, "kernel": name, "shared": kern.metadata.shared, "wgmma": "wgmma.mma_async" in kern.asm["ptx"]}
+                if check_serial:
+                    row["serialised"] = _ptxas_serialises_wgmma(kern.asm["ptx"])
+                print(json.dumps(row), flush=True)
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
             print(json.dumps({"case": label, "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
         finally:

@@ -77,3 +77,20 @@ def test_every_kept_autotune_candidate_fits_sm90_shared_memory():
     assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
     too_big = [r for r in rows if r["shared"] > SM90_SHARED_LIMIT]
     assert not too_big, "\n".join(f"{r['case']} {r['kernel']}: {r['shared']} bytes" for r in too_big)
+
+
+def test_hot_kernels_do_not_serialise_wgmma():
+    """ptxas must not serialise wgmma (warning C7515) in the forward, dQ and dK/dV kernels
+    without bias, nor in the forward and dQ with a 16-bit (1, h, sq, sk) bias, at head dims 64
+    and 128. A hand prefetch of the bias tile, or 2-D pointer tiles kept across the key loop,
+    once triggered it and cost 10-15% on the H200 (docs/perf-notes.md, changes 4 and 6)."""
+    cases = [dict(d=d, causal=causal, bias=bias, alibi=False, kpm=False, gqa=False, varlen=False, dtype="bfloat16",
+                  bias_dtype="bfloat16", check_serial=True)
+             for d in (64, 128) for causal in (False, True) for bias in (None, "row")]
+    rows = _compile(cases)
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
+    hot = {None: {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}, "row": {"_attn_fwd", "_attn_bwd_dq"}}
+    serial = [f"{r['kernel']} {r['case']}" for r in rows
+              if r["kernel"] in hot[json.loads(r["case"])["bias"]] and r["serialised"]]
+    assert not serial, "wgmma serialised (ptxas C7515):\n" + "\n".join(serial)

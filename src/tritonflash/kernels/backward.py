@@ -140,13 +140,10 @@ def _attn_bwd_dkdv_inner(
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
     bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[0]), lo + offs_m0, offs_n, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, True, True, False)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        bias = bias_next
-        bias_next = _load_bias(bias_ptrs, _shift(start_m + BLOCK_M, stride_bias[0]), offs_m + BLOCK_M, offs_n, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, True, True, False)
+        bias = _load_bias(bias_ptrs, _shift(start_m, stride_bias[0]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, True, True, False)
         q = _load_tile(
             q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_q, WIDE),
             offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
@@ -346,19 +343,12 @@ def _attn_bwd_dq_inner(
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    # As in the forward: rows clamped, the off-diagonal prefetch clamped instead of masked.
+    # As in the forward: rows clamped, the bias tile pipelined by the compiler.
     bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, False, False, True)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = bias_next
-        if MASK:
-            next_n = start_n + BLOCK_N
-        else:
-            next_n = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
-        bias_next = _load_bias(bias_ptrs, _shift(next_n, stride_bias[1]), offs_m, next_n + offs_n0, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, False, False, MASK)
+        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[1]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, False, False, MASK)
         k = _load_tile(
             k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k, WIDE),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,

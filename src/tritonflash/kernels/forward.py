@@ -65,20 +65,13 @@ def _attn_fwd_inner(
     offs_n0 = tl.arange(0, BLOCK_N)
     # Rows past seqlen_q read row seqlen_q - 1 (never stored): no row mask on bias loads.
     bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
-    # The bias tile feeds no tl.dot, so the compiler does not pipeline it: prefetch it one
-    # key block ahead by hand. Off the diagonal every block in [lo, hi) is whole, so the
-    # prefetch is clamped to the last one instead of masked.
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, False, False, True)
+    # Triton's pipeliner streams the bias tile through shared memory (cp.async, num_stages
+    # deep) and reads it back in the MMA layout: no hand prefetch (which kept it in registers
+    # and made ptxas serialise wgmma; docs/perf-notes.md, change 6).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = bias_next
-        if MASK:
-            next_n = start_n + BLOCK_N
-        else:
-            next_n = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
-        bias_next = _load_bias(bias_ptrs, _shift(next_n, stride_bias[1]), offs_m, next_n + offs_n0, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, False, False, MASK)
+        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[1]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, False, False, MASK)
         k = _load_tile(
             k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k, WIDE),
             offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
