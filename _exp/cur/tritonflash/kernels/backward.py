@@ -62,6 +62,7 @@ def _attn_bwd_preprocess(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -75,11 +76,11 @@ def _attn_bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     rows, cols = offs_m[:, None], offs_d[None, :]
     o = _load_tile(
-        Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3])),
+        Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]), WIDE),
         rows, seqlen_q, cols, head_dim, True, True,
     )
     do = _load_tile(
-        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
+        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3]), WIDE),
         rows, seqlen_q, cols, head_dim, True, True,
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
@@ -132,27 +133,24 @@ def _attn_bwd_dkdv_inner(
     CAUSAL: tl.constexpr,
     DBIAS_COLS: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi).
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed."""
     offs_m0 = tl.arange(0, BLOCK_M)
-    # Tile pointers at row 0, moved by a scalar offset per block (see _ptr_offset).
-    q_ptrs = q_ptr + _ptr_offset(offs_m0[:, None], offs_d[None, :], stride_q)
-    do_ptrs = do_ptr + _ptr_offset(offs_m0[:, None], offs_d[None, :], stride_do)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
     bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[0]), lo + offs_m0, offs_n, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, True, True, False)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        bias = bias_next
-        bias_next = _load_bias(bias_ptrs, _shift(start_m + BLOCK_M, stride_bias[0]), offs_m + BLOCK_M, offs_n, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, True, True, False)
+        bias = _load_bias(bias_ptrs, _shift(start_m, stride_bias[0]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, True, True, False)
         q = _load_tile(
-            q_ptrs + _shift(start_m, stride_q[0]), offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
+            q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_q, WIDE),
+            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
         do = _load_tile(
-            do_ptrs + _shift(start_m, stride_do[0]), offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
+            do_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_do, WIDE),
+            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q)
         qk_t = _dot(k, tl.trans(q), None, INTERP_BF16)  # [BLOCK_N, BLOCK_M]
@@ -218,6 +216,7 @@ def _attn_bwd_dkdv(
     DBIAS_COLS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_n = tl.program_id(0)
@@ -231,11 +230,11 @@ def _attn_bwd_dkdv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(
-        K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3])),
+        K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3]), WIDE),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     v = _load_tile(
-        V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3])),
+        V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3]), WIDE),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -273,13 +272,13 @@ def _attn_bwd_dkdv(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, lo, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_COLS, INTERP_BF16,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_COLS, INTERP_BF16, WIDE,
         )
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, split, end_m, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_COLS, INTERP_BF16,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_COLS, INTERP_BF16, WIDE,
         )
         if DBIAS_COLS:
             dbias_ptr = DBias + off_b * stride_dbias[0] + off_h * stride_dbias[1]
@@ -287,9 +286,9 @@ def _attn_bwd_dkdv(
 
     rows, cols = offs_n[:, None], offs_d[None, :]
     mask_kv = (rows < seqlen_k) & (cols < head_dim)
-    dk_ptrs = DK + off_b * stride_dk[0] + start_k * stride_dk[1] + off_hk * stride_dk[2] + _ptr_offset(rows, cols, (stride_dk[1], stride_dk[3]))
+    dk_ptrs = DK + off_b * stride_dk[0] + start_k * stride_dk[1] + off_hk * stride_dk[2] + _ptr_offset(rows, cols, (stride_dk[1], stride_dk[3]), WIDE)
     tl.store(dk_ptrs, _cast(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=mask_kv)
-    dv_ptrs = DV + off_b * stride_dv[0] + start_k * stride_dv[1] + off_hk * stride_dv[2] + _ptr_offset(rows, cols, (stride_dv[1], stride_dv[3]))
+    dv_ptrs = DV + off_b * stride_dv[0] + start_k * stride_dv[1] + off_hk * stride_dv[2] + _ptr_offset(rows, cols, (stride_dv[1], stride_dv[3]), WIDE)
     tl.store(dv_ptrs, _cast(dv, DV.dtype.element_ty, INTERP_BF16), mask=mask_kv)
 
 
@@ -340,30 +339,23 @@ def _attn_bwd_dq_inner(
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    # Tile pointers at key 0, moved by a scalar offset per block (see _ptr_offset).
-    k_ptrs = k_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_k)
-    v_ptrs = v_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_v)
-    # As in the forward: rows clamped, the off-diagonal prefetch clamped instead of masked.
+    # As in the forward: rows clamped, the bias tile pipelined by the compiler.
     bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, False, False, True)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = bias_next
-        if MASK:
-            next_n = start_n + BLOCK_N
-        else:
-            next_n = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
-        bias_next = _load_bias(bias_ptrs, _shift(next_n, stride_bias[1]), offs_m, next_n + offs_n0, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, False, False, MASK)
+        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[1]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, False, False, MASK)
         k = _load_tile(
-            k_ptrs + _shift(start_n, stride_k[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k, WIDE),
+            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         v = _load_tile(
-            v_ptrs + _shift(start_n, stride_v[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            v_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_v, WIDE),
+            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         ds = _dscore(
             q, k, v, do, bias, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
@@ -416,6 +408,7 @@ def _attn_bwd_dq(
     HAS_KPM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_m = tl.program_id(0)
@@ -433,11 +426,11 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     rows, cols = offs_m[:, None], offs_d[None, :]
     q = _load_tile(
-        Q + off_b * stride_q[0] + start_q * stride_q[1] + off_h * stride_q[2] + _ptr_offset(rows, cols, (stride_q[1], stride_q[3])),
+        Q + off_b * stride_q[0] + start_q * stride_q[1] + off_h * stride_q[2] + _ptr_offset(rows, cols, (stride_q[1], stride_q[3]), WIDE),
         rows, seqlen_q, cols, head_dim, True, not EVEN_D,
     )  # [BLOCK_M, BLOCK_D]
     do = _load_tile(
-        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3])),
+        DOut + off_b * stride_do[0] + start_q * stride_do[1] + off_h * stride_do[2] + _ptr_offset(rows, cols, (stride_do[1], stride_do[3]), WIDE),
         rows, seqlen_q, cols, head_dim, True, not EVEN_D,
     )  # [BLOCK_M, BLOCK_D]
     lse, delta = _load_row_stats(
@@ -464,15 +457,15 @@ def _attn_bwd_dq(
         dq, q, do, lse, delta, k_ptr, v_ptr, bias_ptr, kpm_ptr,
         (stride_k[1], stride_k[3]), (stride_v[1], stride_v[3]), bias_rc, slope,
         offs_m, offs_d, 0, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, INTERP_BF16,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, INTERP_BF16, WIDE,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptr, v_ptr, bias_ptr, kpm_ptr,
         (stride_k[1], stride_k[3]), (stride_v[1], stride_v[3]), bias_rc, slope,
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, INTERP_BF16,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, INTERP_BF16, WIDE,
     )
-    dq_ptrs = DQ + off_b * stride_dq[0] + start_q * stride_dq[1] + off_h * stride_dq[2] + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3]))
+    dq_ptrs = DQ + off_b * stride_dq[0] + start_q * stride_dq[1] + off_h * stride_dq[2] + _ptr_offset(rows, cols, (stride_dq[1], stride_dq[3]), WIDE)
     tl.store(dq_ptrs, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
 
 
@@ -517,6 +510,7 @@ def _attn_bwd_dbias(
     HAS_KPM: tl.constexpr,
     SUM_KEYS: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
     INTERP_DBIAS_BF16: tl.constexpr,
 ):
     """Gradient of a bias with a row dimension: one program per [BLOCK_M, BLOCK_N] tile of
@@ -532,10 +526,10 @@ def _attn_bwd_dbias(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_offs = _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_q[1], stride_q[3]))
-    do_offs = _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_do[1], stride_do[3]))
-    k_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_k[1], stride_k[3]))
-    v_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_v[1], stride_v[3]))
+    q_offs = _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_q[1], stride_q[3]), WIDE)
+    do_offs = _ptr_offset(offs_m[:, None], offs_d[None, :], (stride_do[1], stride_do[3]), WIDE)
+    k_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_k[1], stride_k[3]), WIDE)
+    v_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_v[1], stride_v[3]), WIDE)
     bias_ptrs = _bias_ptrs(Bias + first_b * stride_bias[0] + first_h * stride_bias[1], tl.minimum(offs_m, seqlen_q - 1), offs_n0,
                            (stride_bias[2], stride_bias[3]), HAS_BIAS, BIAS_ROW)
 
@@ -580,7 +574,7 @@ def _attn_bwd_dbias(
     else:
         offs_n = tl.program_id(1) * BLOCK_N + offs_n0
         rows, cols = offs_m[:, None], offs_n[None, :]
-        tl.store(dbias_ptr + _ptr_offset(rows, cols, (stride_dbias[2], stride_dbias[3])),
+        tl.store(dbias_ptr + _ptr_offset(rows, cols, (stride_dbias[2], stride_dbias[3]), WIDE),
                  _cast(acc, DBias.dtype.element_ty, INTERP_DBIAS_BF16), mask=(rows < seqlen_q) & (cols < seqlen_k))
 
 
@@ -602,7 +596,7 @@ def attn_bwd(
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    meta = launch_meta(q, pb.head_dim, causal, bias, alibi_slopes, key_padding_mask)
+    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, (q, k, v, out, dout, dq, dk, dv))
     varlen_args = pb.varlen_args()
 
     delta = torch.empty_like(lse)
@@ -621,6 +615,7 @@ def attn_bwd(
         BLOCK_M=pre_block_m,
         BLOCK_D=meta.constexprs["BLOCK_D"],
         IS_VARLEN=varlen_args["IS_VARLEN"],
+        WIDE=meta.constexprs["WIDE"],
     )
 
     bias_grad = bias is not None and bias_grad

@@ -44,13 +44,18 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _ptr_offset(rows, cols, strides):
-    """Offsets of a 2-D tile from row/column indices and a (row, col) stride pair. Rows are
-    widened to int64: row * row_stride passes 2**31 inside one (batch, head) slice for long
-    sequences (batch-1 packed qkv, a (seqlen_q, seqlen_k) bias of 46k x 46k). Inner loops call
-    this once, before the loop, and move the tile with ``_shift``: per-element 64-bit products
-    inside the loop cost 2-9% (docs/perf-notes.md, change 3)."""
-    return rows.to(tl.int64) * strides[0] + cols * strides[1]
+def _ptr_offset(rows, cols, strides, WIDE: tl.constexpr):
+    """Offsets of a 2-D tile inside one (batch, head) slice from row/column indices and a
+    (row, col) stride pair; the slice base is int64. ``WIDE`` (chosen by the launcher, see
+    ``needs_wide``) widens rows to int64 when row * row_stride can pass 2**31 inside a slice
+    (batch-1 packed qkv, a 46k x 46k bias). Otherwise int32: per-element 64-bit products in the
+    inner loops cost 2-9%, and loop-invariant 2-D pointer tensors moved by a scalar made ptxas
+    serialise wgmma (docs/perf-notes.md, changes 3 and 4)."""
+    if WIDE:
+        off = rows.to(tl.int64) * strides[0] + cols * strides[1]
+    else:
+        off = rows * strides[0] + cols * strides[1]
+    return off
 
 
 @triton.jit
@@ -120,7 +125,7 @@ def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BI
     ptrs = bias_ptr
     if HAS_BIAS:
         if BIAS_ROW:
-            ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias)
+            ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias, True)
         else:
             ptrs = bias_ptr + offs_n * stride_bias[1]
     return ptrs
@@ -229,9 +234,28 @@ class LaunchMeta:
     constexprs: dict
 
 
-def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> LaunchMeta:
+def needs_wide(pb, tensors, bias) -> bool:
+    """Whether an offset inside one (batch, head) slice can pass 2**31 - 1 (``_ptr_offset``):
+    rows of q/k/v-like tensors (with a margin for padded tiles and the bias prefetch one block
+    past the end) times their row stride, or the bias's (seqlen_q, seqlen_k) extent."""
+    limit, pad = 2**31 - 1, 256
+    rows = max(pb.seqlen_q, pb.seqlen_k) + pad
+    for x in tensors:
+        st = pb.strides(x)
+        if rows * abs(st[1]) + pb.head_dim * abs(st[3]) > limit:
+            return True
+    if bias is not None:
+        st = bias.stride()
+        if (pb.seqlen_q + pad) * max(abs(st[2]), pb.seqlen_k) + (pb.seqlen_k + pad) * abs(st[3]) > limit:
+            return True
+    return False
+
+
+def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, tensors) -> LaunchMeta:
     """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
-    (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8."""
+    (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8; ``tensors``
+    every q/k/v-like tensor the kernels index (for ``needs_wide``)."""
+    head_dim = pb.head_dim
     block_d = max(16, triton.next_power_of_2(head_dim))
     stride_bias = (0, 0, 0, 0)
     bias_row = False
@@ -258,6 +282,7 @@ def launch_meta(q, head_dim, causal, bias, alibi_slopes, key_padding_mask) -> La
             HAS_ALIBI=alibi_slopes is not None,
             HAS_KPM=key_padding_mask is not None,
             INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
+            WIDE=needs_wide(pb, tensors, bias),
         ),
     )
 

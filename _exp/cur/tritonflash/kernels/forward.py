@@ -58,31 +58,23 @@ def _attn_fwd_inner(
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Online-softmax step over key blocks [lo, hi). ``MASK`` selects the diagonal / tail
     variant that applies the causal and key-bound masks; the off-band blocks skip them."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    # Tile pointers at key 0, moved by a scalar offset per block (see _ptr_offset).
-    k_ptrs = k_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_k)
-    v_ptrs = v_ptr + _ptr_offset(offs_n0[:, None], offs_d[None, :], stride_v)
     # Rows past seqlen_q read row seqlen_q - 1 (never stored): no row mask on bias loads.
     bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
-    # The bias tile feeds no tl.dot, so the compiler does not pipeline it: prefetch it one
-    # key block ahead by hand. Off the diagonal every block in [lo, hi) is whole, so the
-    # prefetch is clamped to the last one instead of masked.
-    bias_next = _load_bias(bias_ptrs, _shift(lo, stride_bias[1]), offs_m, lo + offs_n0, seqlen_q, seqlen_k,
-                           HAS_BIAS, BIAS_ROW, False, False, True)
+    # Triton's pipeliner streams the bias tile through shared memory (cp.async, num_stages
+    # deep) and reads it back in the MMA layout: no hand prefetch (which kept it in registers
+    # and made ptxas serialise wgmma; docs/perf-notes.md, change 6).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = bias_next
-        if MASK:
-            next_n = start_n + BLOCK_N
-        else:
-            next_n = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
-        bias_next = _load_bias(bias_ptrs, _shift(next_n, stride_bias[1]), offs_m, next_n + offs_n0, seqlen_q, seqlen_k,
-                               HAS_BIAS, BIAS_ROW, False, False, MASK)
+        bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[1]), offs_m, offs_n, seqlen_q, seqlen_k,
+                          HAS_BIAS, BIAS_ROW, False, False, MASK)
         k = _load_tile(
-            k_ptrs + _shift(start_n, stride_k[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            k_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_k, WIDE),
+            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, INTERP_BF16)  # [BLOCK_M, BLOCK_N]
         s = _score(
@@ -98,7 +90,8 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_tile(
-            v_ptrs + _shift(start_n, stride_v[0]), offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
+            v_ptr + _ptr_offset(offs_n[:, None], offs_d[None, :], stride_v, WIDE),
+            offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, MASK, not EVEN_D,
         )  # [BLOCK_N, BLOCK_D]
         acc = _dot(_cast(p, v.dtype, INTERP_BF16), v, acc, INTERP_BF16)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
@@ -144,6 +137,7 @@ def _attn_fwd(
     HAS_KPM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Strides are tuples: q/k/v/o (batch, seq, head, dim), lse (batch, head, row),
     bias (batch, head, row, col) with 0 on broadcast dims, slopes (batch, head), kpm (batch, col).
@@ -183,7 +177,7 @@ def _attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(
-        q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], q_rows),
+        q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], q_rows, WIDE),
         offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_M, BLOCK_D]
 
@@ -195,12 +189,12 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptr, v_ptr, bias_ptr, kpm_ptr, k_rows, v_rows, bias_rc, slope,
         offs_m, offs_d, 0, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, INTERP_BF16,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, INTERP_BF16, WIDE,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptr, v_ptr, bias_ptr, kpm_ptr, k_rows, v_rows, bias_rc, slope,
         offs_m, offs_d, split, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, INTERP_BF16,
+        BLOCK_N, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, INTERP_BF16, WIDE,
     )
 
     # Rows that saw no key (l == 0) get output 0 and lse -inf (DESIGN.md), never NaN.
@@ -208,7 +202,7 @@ def _attn_fwd(
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
     rows, cols = offs_m[:, None], offs_d[None, :]
-    o_ptrs = Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]))
+    o_ptrs = Out + off_b * stride_o[0] + start_q * stride_o[1] + off_h * stride_o[2] + _ptr_offset(rows, cols, (stride_o[1], stride_o[3]), WIDE)
     tl.store(o_ptrs, _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=(rows < seqlen_q) & (cols < head_dim))
     lse_ptr = Lse + off_b * stride_lse[0] + off_h * stride_lse[1] + start_q * stride_lse[2]
     tl.store(lse_ptr + offs_m * stride_lse[2], lse, mask=offs_m < seqlen_q)
@@ -227,7 +221,7 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
     if out is None:
         out = torch.empty_like(q)
     lse, stride_lse = pb.lse_empty(q.device)
-    meta = launch_meta(q, pb.head_dim, causal, bias, alibi_slopes, key_padding_mask)
+    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, (q, k, v, out))
 
     def grid(m):
         return (triton.cdiv(pb.seqlen_q, m["BLOCK_M"]), pb.batch * pb.nheads)
