@@ -122,11 +122,11 @@ def test_every_config_gives_the_same_answer(which):
     try:
         for d in (59, 128):
             block_d = 64 if d <= 64 else 128
-            # The candidates autotuning may pick for this head dim (after the prune).
-            for cfg in launcher.prune(launcher.candidates, {}, BLOCK_D=block_d):
+            bias = torch.randn(1, 3, 333, 517, device="cuda", requires_grad=True)
+            # The candidates autotuning may pick for this head dim and bias (after the prune).
+            for cfg in launcher.prune(launcher.candidates, {}, BLOCK_D=block_d, Bias=bias, BIAS_ROW=True):
                 launcher.forced = cfg
                 q, k, v = make_qkv(2, 333, 517, 3, d, torch.float16, "cuda")
-                bias = torch.randn(1, 3, 333, 517, device="cuda", requires_grad=True)
                 slopes = torch.rand(3, device="cuda")
                 out = flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes)
                 check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=True, alibi_slopes=slopes)

@@ -75,7 +75,7 @@ BWD_DBIAS_CONFIGS = [
 ]
 
 
-def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, staged_mn=0):
+def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, staged_mn=0, bias_bytes=0):
     """Rough shared memory, 2 bytes an element: tiles streamed through the software pipeline
     (times its stages), tiles loaded once and kept, and [M, N] score tiles staged as dot
     operands (seen in the dQ pass on H200: (128, 128, 8 warps, 2 stages) at head dim 128 needs
@@ -83,11 +83,16 @@ def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, st
     m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     streamed = (streamed_m * m + streamed_n * n) * max(cfg.num_stages, 1)
     resident = resident_m * m + resident_n * n
-    return 2 * (block_d * (streamed + resident) + staged_mn * m * n)
+    # A bias tile with a row dimension is streamed too (the pipeliner stages it like K and V).
+    return 2 * (block_d * (streamed + resident) + staged_mn * m * n) + bias_bytes * m * n * max(cfg.num_stages, 1)
 
 
 def _prune(configs, args, **tiles):
     block_d = args["BLOCK_D"]
+    bias = args.get("Bias")
+    if args.get("BIAS_ROW") and bias is not None and tiles.pop("bias_streamed", True):
+        tiles["bias_bytes"] = bias.element_size()
+    tiles.pop("bias_streamed", None)
     # Reason: above ~220 KB a config fails with OutOfResources on sm90 (232448 bytes per block),
     # and tiles larger than 64x64 at head dim 256 spill registers.
     kept = [c for c in configs if _smem_bytes(c, block_d, **tiles) <= 200_000]
@@ -112,7 +117,8 @@ def prune_bwd_dq(configs, nargs, **kwargs):
 
 
 def prune_bwd_dbias(configs, nargs, **kwargs):
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0)
+    # Its bias tile is loaded once per key block, outside the pipelined loop over summed slices.
+    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0, bias_streamed=False)
 
 
 class Launcher:
