@@ -68,6 +68,9 @@ def check_schema(data, methods):
             assert value == "bytes" or row["ms"] > 0, row
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason=(
+    "CPU-tier check of the CLI in the interpreter; the GPU machines run the real benchmark, and their "
+    "numpy (>= 2.4) breaks Triton 3.6's interpreter (int() of 1-element arrays)"))
 def test_smoke_cli_writes_results(tmp_path):
     """The CLI end to end: every suite, a JSON in the documented format, a plot per suite."""
     env = {**os.environ, "TRITON_INTERPRET": "1",
