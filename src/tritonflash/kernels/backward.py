@@ -139,7 +139,7 @@ def _attn_bwd_dkdv_inner(
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed."""
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
-    bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW)
+    bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW, True)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         bias = _load_bias(bias_ptrs, _shift(start_m, stride_bias[0]), offs_m, offs_n, seqlen_q, seqlen_k,
@@ -344,7 +344,7 @@ def _attn_bwd_dq_inner(
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     # As in the forward: rows clamped, the bias tile pipelined by the compiler.
-    bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
+    bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW, False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[1]), offs_m, offs_n, seqlen_q, seqlen_k,
@@ -531,7 +531,7 @@ def _attn_bwd_dbias(
     k_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_k[1], stride_k[3]), WIDE)
     v_offs = _ptr_offset(offs_n0[:, None], offs_d[None, :], (stride_v[1], stride_v[3]), WIDE)
     bias_ptrs = _bias_ptrs(Bias + first_b * stride_bias[0] + first_h * stride_bias[1], tl.minimum(offs_m, seqlen_q - 1), offs_n0,
-                           (stride_bias[2], stride_bias[3]), HAS_BIAS, BIAS_ROW)
+                           (stride_bias[2], stride_bias[3]), HAS_BIAS, BIAS_ROW, False)
 
     _, hi = _causal_split(pid_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     if SUM_KEYS:

@@ -119,13 +119,17 @@ def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr):
+def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
     """Pointers of the bias tile at query rows ``offs_m`` and keys ``offs_n`` (1-D): a
-    [M, N] tile, or one [N] vector when the bias has no row dimension."""
+    [M, N] tile ([N, M] when ``TRANS``, the dK/dV pass), or one [N] vector when the bias has
+    no row dimension."""
     ptrs = bias_ptr
     if HAS_BIAS:
         if BIAS_ROW:
-            ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias, True)
+            if TRANS:
+                ptrs = bias_ptr + _ptr_offset(offs_n[:, None], offs_m[None, :], (stride_bias[1], stride_bias[0]), True)
+            else:
+                ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias, True)
         else:
             ptrs = bias_ptr + offs_n * stride_bias[1]
     return ptrs
@@ -136,15 +140,17 @@ def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.con
                TRANS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """The bias at ``ptrs + shift`` (from ``_bias_ptrs``), for query rows ``offs_m`` and keys
     ``offs_n`` (1-D, already shifted), as a [M, N] tile, or [N, M] when ``TRANS`` (the dK/dV
-    pass). A bias without a row dimension is one vector per key block. The tile is always read
-    row-major (coalesced along keys) and transposed in registers: a transposed pointer walk
-    would read with stride seqlen_k. Rows / columns are bounds-checked only when asked: the
-    callers clamp the indices that do not move (a clamped row or key is never used)."""
+    pass). A bias without a row dimension is one vector per key block. A [N, M] tile is read
+    through transposed pointers: Triton coalesces it along its contiguous first dim and, unlike
+    a tl.trans in registers, pipelines it through shared memory (docs/perf-notes.md, change 7).
+    Rows / columns are bounds-checked only when asked: the callers clamp the indices that do
+    not move (a clamped row or key is never used)."""
     if HAS_BIAS:
         if BIAS_ROW:
-            bias = _load_tile(ptrs + shift, offs_m[:, None], seqlen_q, offs_n[None, :], seqlen_k, MASK_ROWS, MASK_COLS)
             if TRANS:
-                bias = tl.trans(bias)
+                bias = _load_tile(ptrs + shift, offs_n[:, None], seqlen_k, offs_m[None, :], seqlen_q, MASK_COLS, MASK_ROWS)
+            else:
+                bias = _load_tile(ptrs + shift, offs_m[:, None], seqlen_q, offs_n[None, :], seqlen_k, MASK_ROWS, MASK_COLS)
         else:
             if MASK_COLS:
                 vec = tl.load(ptrs + shift, mask=offs_n < seqlen_k, other=0.0)

@@ -64,7 +64,7 @@ def _attn_fwd_inner(
     variant that applies the causal and key-bound masks; the off-band blocks skip them."""
     offs_n0 = tl.arange(0, BLOCK_N)
     # Rows past seqlen_q read row seqlen_q - 1 (never stored): no row mask on bias loads.
-    bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW)
+    bias_ptrs = _bias_ptrs(bias_ptr, tl.minimum(offs_m, seqlen_q - 1), offs_n0, stride_bias, HAS_BIAS, BIAS_ROW, False)
     # Triton's pipeliner streams the bias tile through shared memory (cp.async, num_stages
     # deep) and reads it back in the MMA layout: no hand prefetch (which kept it in registers
     # and made ptxas serialise wgmma; docs/perf-notes.md, change 6).
