@@ -47,6 +47,7 @@ from .configs import (
     seq_bucket,
 )
 
+
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _attn_bwd_preprocess(
     Out,
@@ -230,11 +231,13 @@ def _attn_bwd_dkdv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(
-        K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3]), WIDE),
+        K + off_b * stride_k[0] + start_k * stride_k[1] + off_hk * stride_k[2]
+        + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_k[1], stride_k[3]), WIDE),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     v = _load_tile(
-        V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2] + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3]), WIDE),
+        V + off_b * stride_v[0] + start_k * stride_v[1] + off_hk * stride_v[2]
+        + _ptr_offset(offs_n[:, None], offs_d[None, :], (stride_v[1], stride_v[3]), WIDE),
         offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D,
     )  # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -568,7 +571,7 @@ def _attn_bwd_dbias(
                 HAS_BIAS, HAS_ALIBI, HAS_KPM, CAUSAL, True, INTERP_BF16,
             )
 
-    dbias_ptr = DBias + pid_bh // dbias_heads * stride_dbias[0] + pid_bh % dbias_heads * stride_dbias[1]
+    dbias_ptr = DBias + first_b * stride_dbias[0] + first_h * stride_dbias[1]
     if SUM_KEYS:
         tl.store(dbias_ptr + offs_m * stride_dbias[2], _cast(tl.sum(acc, 1), DBias.dtype.element_ty, INTERP_DBIAS_BF16), mask=offs_m < seqlen_q)
     else:

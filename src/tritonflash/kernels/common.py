@@ -251,8 +251,9 @@ def needs_wide(pb, tensors, bias) -> bool:
         if rows * abs(st[1]) + pb.head_dim * abs(st[3]) > limit:
             return True
     if bias is not None:
-        st = bias.stride()
-        if (pb.seqlen_q + pad) * max(abs(st[2]), pb.seqlen_k) + (pb.seqlen_k + pad) * abs(st[3]) > limit:
+        # The bias tile itself is always addressed in int64 (_bias_ptrs); its gradient is a
+        # contiguous (.., seqlen_q, seqlen_k) tensor indexed with _ptr_offset.
+        if (pb.seqlen_q + pad) * (pb.seqlen_k + pad) > limit:
             return True
     return False
 

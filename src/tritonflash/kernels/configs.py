@@ -87,12 +87,11 @@ def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, st
     return 2 * (block_d * (streamed + resident) + staged_mn * m * n) + bias_bytes * m * n * max(cfg.num_stages, 1)
 
 
-def _prune(configs, args, **tiles):
+def _prune(configs, args, bias_streamed=True, **tiles):
     block_d = args["BLOCK_D"]
     bias = args.get("Bias")
-    if args.get("BIAS_ROW") and bias is not None and tiles.pop("bias_streamed", True):
+    if bias_streamed and args.get("BIAS_ROW") and bias is not None:
         tiles["bias_bytes"] = bias.element_size()
-    tiles.pop("bias_streamed", None)
     # Reason: above ~220 KB a config fails with OutOfResources on sm90 (232448 bytes per block),
     # and tiles larger than 64x64 at head dim 256 spill registers.
     kept = [c for c in configs if _smem_bytes(c, block_d, **tiles) <= 200_000]
