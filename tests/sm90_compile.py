@@ -52,8 +52,8 @@ jit.JITFunction.run = _compile_only
 from tritonflash.kernels import Varlen, attn_bwd, attn_fwd, backward, forward  # noqa: E402
 
 
-def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float32"):
-    b, s, h = 2, 96, 4
+def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float32", seqlen=96):
+    b, s, h = 2, seqlen, 4
     hk = 2 if gqa else h
     dt = getattr(torch, dtype)
     vl = None

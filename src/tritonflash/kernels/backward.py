@@ -41,6 +41,8 @@ from .configs import (
     FWD_KEY,
     INTERPRET,
     Launcher,
+    even_m,
+    even_n,
     prune_bwd_dbias,
     prune_bwd_dkdv,
     prune_bwd_dq,
@@ -89,12 +91,17 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_m, seqlen_q):
+def _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_m, seqlen_q, MASK_ROWS: tl.constexpr = True):
     """LSE (in log2 units) and delta of a block of query rows. A row with no visible key
-    (lse = -inf) and a row past seqlen_q both get +inf, so that P = exp2(s - lse) = 0."""
-    lse = tl.load(lse_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=float("-inf"))
+    (lse = -inf) and a row past seqlen_q both get +inf, so that P = exp2(s - lse) = 0.
+    Rows are bounds-checked unless ``MASK_ROWS`` is False (every row is < seqlen_q)."""
+    if MASK_ROWS:
+        lse = tl.load(lse_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=float("-inf"))
+        delta = tl.load(delta_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + offs_m * stride_m)
+        delta = tl.load(delta_ptr + offs_m * stride_m)
     lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(delta_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=0.0)
     return lse, delta
 
 
@@ -133,27 +140,30 @@ def _attn_bwd_dkdv_inner(
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     DBIAS_COLS: tl.constexpr,
+    EVEN_M: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     WIDE: tl.constexpr,
 ):
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi).
-    Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed."""
+    Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed.
+    ``EVEN_M``: seqlen_q is a multiple of BLOCK_M, so no query row needs a bounds check (the
+    per-element masks cost ~10% of this pass at head dim 128: docs/perf-notes.md, change 8)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
     bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW, True)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         bias = _load_bias(bias_ptrs, _shift(start_m, stride_bias[0]), offs_m, offs_n, seqlen_q, seqlen_k,
-                          HAS_BIAS, BIAS_ROW, True, True, False)
+                          HAS_BIAS, BIAS_ROW, True, not EVEN_M, False)
         q = _load_tile(
             q_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_q, WIDE),
-            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
+            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, not EVEN_M, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
         do = _load_tile(
             do_ptr + _ptr_offset(offs_m[:, None], offs_d[None, :], stride_do, WIDE),
-            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D,
+            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, not EVEN_M, not EVEN_D,
         )  # [BLOCK_M, BLOCK_D]
-        lse, delta = _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q)
+        lse, delta = _load_row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q, not EVEN_M)
         qk_t = _dot(k, tl.trans(q), None, INTERP_BF16)  # [BLOCK_N, BLOCK_M]
         s_t = _score(
             qk_t, bias, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
@@ -218,6 +228,7 @@ def _attn_bwd_dkdv(
     IS_VARLEN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     WIDE: tl.constexpr,
+    EVEN_M: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_n = tl.program_id(0)
@@ -275,13 +286,13 @@ def _attn_bwd_dkdv(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, lo, split, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_COLS, INTERP_BF16, WIDE,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, True, CAUSAL, DBIAS_COLS, EVEN_M, INTERP_BF16, WIDE,
         )
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(
             dk, dv, dbias_cols, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, kpm_ptr,
             (stride_q[1], stride_q[3]), (stride_do[1], stride_do[3]), stride_stat[2], bias_rc, slope,
             offs_n, offs_d, split, end_m, seqlen_q, seqlen_k, head_dim, qk_scale,
-            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_COLS, INTERP_BF16, WIDE,
+            BLOCK_M, EVEN_D, HAS_BIAS, BIAS_ROW, HAS_ALIBI, HAS_KPM, False, CAUSAL, DBIAS_COLS, EVEN_M, INTERP_BF16, WIDE,
         )
         if DBIAS_COLS:
             dbias_ptr = DBias + off_b * stride_dbias[0] + off_h * stride_dbias[1]
@@ -515,12 +526,15 @@ def _attn_bwd_dbias(
     INTERP_BF16: tl.constexpr,
     WIDE: tl.constexpr,
     INTERP_DBIAS_BF16: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Gradient of a bias with a row dimension: one program per [BLOCK_M, BLOCK_N] tile of
     dbias (per query block when the bias has no key dimension, ``SUM_KEYS``), summing dS over
     the batches (``sum_batch``) and heads (``sum_heads``) the bias broadcasts along, in
     registers and in a fixed order: no (batch, heads, seqlen_q, seqlen_k) buffer, no atomics.
-    Recomputes dS (2 matmuls per tile and summed slice); writes dbias in its own dtype."""
+    Recomputes dS (2 matmuls per tile and summed slice); writes dbias in its own dtype.
+    ``EVEN_M`` / ``EVEN_N``: every query / key block is full, no bounds checks on them."""
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -546,29 +560,29 @@ def _attn_bwd_dbias(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         bias = _load_bias(bias_ptrs, _shift(start_n, stride_bias[3]), offs_m, offs_n, seqlen_q, seqlen_k,
-                          HAS_BIAS, BIAS_ROW, False, False, True)
+                          HAS_BIAS, BIAS_ROW, False, False, not EVEN_N)
         for r in range(0, sum_batch * sum_heads):
             off_b = first_b + r // sum_heads
             off_h = first_h + r % sum_heads
             off_hk = off_h // kv_group
             q = _load_tile(Q + off_b * stride_q[0] + off_h * stride_q[2] + q_offs,
-                           offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D)
+                           offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, not EVEN_M, not EVEN_D)
             do = _load_tile(DOut + off_b * stride_do[0] + off_h * stride_do[2] + do_offs,
-                            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, True, not EVEN_D)
+                            offs_m[:, None], seqlen_q, offs_d[None, :], head_dim, not EVEN_M, not EVEN_D)
             k = _load_tile(K + off_b * stride_k[0] + off_hk * stride_k[2] + _shift(start_n, stride_k[1]) + k_offs,
-                           offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D)
+                           offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, not EVEN_N, not EVEN_D)
             v = _load_tile(V + off_b * stride_v[0] + off_hk * stride_v[2] + _shift(start_n, stride_v[1]) + v_offs,
-                           offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, True, not EVEN_D)
+                           offs_n[:, None], seqlen_k, offs_d[None, :], head_dim, not EVEN_N, not EVEN_D)
             lse, delta = _load_row_stats(Lse + off_b * stride_stat[0] + off_h * stride_stat[1],
                                          Delta + off_b * stride_stat[0] + off_h * stride_stat[1],
-                                         offs_m, stride_stat[2], seqlen_q)
+                                         offs_m, stride_stat[2], seqlen_q, not EVEN_M)
             slope = _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI)
             kpm_ptr = KPM
             if HAS_KPM:
                 kpm_ptr = KPM + off_b * stride_kpm[0]
             acc += _dscore(
                 q, k, v, do, bias, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, slope, kpm_ptr,
-                HAS_BIAS, HAS_ALIBI, HAS_KPM, CAUSAL, True, INTERP_BF16,
+                HAS_BIAS, HAS_ALIBI, HAS_KPM, CAUSAL, not EVEN_N, INTERP_BF16,
             )
 
     dbias_ptr = DBias + first_b * stride_dbias[0] + first_h * stride_dbias[1]
@@ -581,9 +595,11 @@ def _attn_bwd_dbias(
                  _cast(acc, DBias.dtype.element_ty, INTERP_DBIAS_BF16), mask=(rows < seqlen_q) & (cols < seqlen_k))
 
 
-_launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv)
+# EVEN_M follows from the tile the autotuner picks, so it is set per launch, not a tuning key.
+_launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv, heuristics={"EVEN_M": even_m})
 _launch_dq = Launcher(_attn_bwd_dq, BWD_DQ_CONFIGS, FWD_KEY, prune_bwd_dq)
-_launch_dbias = Launcher(_attn_bwd_dbias, BWD_DBIAS_CONFIGS, DBIAS_KEY, prune_bwd_dbias)
+_launch_dbias = Launcher(_attn_bwd_dbias, BWD_DBIAS_CONFIGS, DBIAS_KEY, prune_bwd_dbias,
+                         heuristics={"EVEN_M": even_m, "EVEN_N": even_n})
 
 
 def attn_bwd(

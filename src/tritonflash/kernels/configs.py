@@ -46,11 +46,14 @@ FWD_CONFIGS = [
     _cfg(64, 32, 4, 2),
 ]
 BWD_DKDV_CONFIGS = [
-    _cfg(64, 128, 8, 2),
+    # Fastest at head dim 128 on the H200 once full query blocks skip their bounds checks
+    # (docs/perf-notes.md, change 8); 32 query rows a step, one warpgroup on 64 keys.
+    _cfg(32, 64, 4, 3),
     _cfg(64, 128, 8, 3),
-    _cfg(128, 128, 8, 2),
+    _cfg(64, 128, 8, 2),
     _cfg(32, 128, 4, 3),
     _cfg(64, 64, 4, 3),
+    _cfg(128, 128, 8, 2),
     _cfg(32, 64, 4, 2),
 ]
 BWD_DQ_CONFIGS = [
@@ -120,11 +123,25 @@ def prune_bwd_dbias(configs, nargs, **kwargs):
     return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0, bias_streamed=False)
 
 
+def even_m(args):
+    """Every query block is full (seqlen_q a multiple of BLOCK_M; never for packed varlen rows)."""
+    return not args.get("IS_VARLEN", False) and args["seqlen_q"] % args["BLOCK_M"] == 0
+
+
+def even_n(args):
+    """Every key block is full (seqlen_k a multiple of BLOCK_N; never for packed varlen rows)."""
+    return not args.get("IS_VARLEN", False) and args["seqlen_k"] % args["BLOCK_N"] == 0
+
+
 class Launcher:
     """Launches one jit kernel either autotuned over ``candidates`` or with the first
-    candidate that survives ``prune`` (the interpreter's pinned config under TRITON_INTERPRET)."""
+    candidate that survives ``prune`` (the interpreter's pinned config under TRITON_INTERPRET).
+    ``heuristics`` maps constexpr names to functions of the launch arguments and the chosen
+    tile (triton.heuristics): variants that depend on the config, not tuning keys."""
 
-    def __init__(self, kernel, candidates, key, prune):
+    def __init__(self, kernel, candidates, key, prune, heuristics=None):
+        if heuristics:
+            kernel = triton.heuristics(heuristics)(kernel)
         self.kernel = kernel
         self.candidates = candidates
         self.prune = prune
