@@ -64,6 +64,18 @@ def test_gqa_matches_reference(nheads, nheads_k, causal):
     check_against_reference(out, q, k, v, torch.randn_like(out), causal=causal, lse=lse)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_full_blocks_with_gqa_alibi_and_key_padding(causal):
+    """seqlen_q a multiple of every tile: the dK/dV pass skips its row bounds checks (EVEN_M)
+    while looping over a GQA group with ALiBi and a key padding mask."""
+    q, k, v = make_qkv(2, 128, 96, 6, 64, torch.bfloat16, DEVICE, nheads_k=2)
+    slopes = torch.rand(6, device=DEVICE)
+    kpm = torch.ones(2, 96, dtype=torch.bool, device=DEVICE)
+    kpm[0, 70:] = False
+    out = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=kpm)
+    check_against_reference(out, q, k, v, torch.randn_like(out), causal=causal, alibi_slopes=slopes, key_padding_mask=kpm)
+
+
 @pytest.mark.parametrize("scale", [0.05, 1.0])
 def test_softmax_scale(scale):
     q, k, v = make_qkv(2, 37, 50, 3, 32, torch.float16, DEVICE)

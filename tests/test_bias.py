@@ -14,8 +14,9 @@ from tritonflash.bias import MASKED_BIAS
 
 B, H = 2, 3
 # (seqlen_q, seqlen_k): odd, swapped, non-multiples of the tiles.
-# (64, 96): every interpreter tile (32) full, so the kernels skip their bounds checks (EVEN_M/EVEN_N).
-SEQLENS = [(113, 203), (128, 217), (1023, 1024)] if ON_GPU else [(37, 71), (70, 33), (64, 96)]
+# CPU: (64, 96) fills every interpreter tile (32), so the backward kernels skip their bounds
+# checks (EVEN_M and EVEN_N); (64, 71) and (96, 64) give the mixed variants, seqlen_q > seqlen_k too.
+SEQLENS = [(113, 203), (128, 217), (1023, 1024)] if ON_GPU else [(37, 71), (70, 33), (64, 96), (64, 71), (96, 64)]
 BIAS_SHAPES = {
     "1h1k": lambda sq, sk: (1, H, 1, sk),
     "b11k": lambda sq, sk: (B, 1, 1, sk),

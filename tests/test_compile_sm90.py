@@ -86,8 +86,9 @@ def test_hot_kernels_do_not_serialise_wgmma():
     without bias, nor in the forward and dQ with a 16-bit (1, h, sq, sk) bias, at head dims 64
     and 128. A hand prefetch of the bias tile, or 2-D pointer tiles kept across the key loop,
     once triggered it and cost 10-15% on the H200 (docs/perf-notes.md, changes 4 and 6)."""
-    # seqlen 96 fills every query block of the default tiles (the dK/dV pass then skips row
-    # bounds checks: EVEN_M); 100 does not.
+    # seqlen 96 fills every query block of the default dK/dV tile (32 rows), so that pass is
+    # compiled without row bounds checks (EVEN_M); at 100 it keeps them. (The dbias pass is
+    # not a hot kernel here.)
     cases = [dict(d=d, causal=causal, bias=bias, alibi=False, kpm=False, gqa=False, varlen=False, dtype="bfloat16",
                   bias_dtype="bfloat16", check_serial=True, seqlen=seqlen)
              for d in (64, 128) for causal in (False, True) for bias in (None, "row") for seqlen in (96, 100)]

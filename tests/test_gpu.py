@@ -113,23 +113,26 @@ def test_memory_is_linear_in_seqlen():
     assert peak <= budget, f"peak extra memory {peak} bytes > O(N) budget {budget} (an (N,N) fp32 tile would be {s * s * 4})"
 
 
-@pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dq", "dbias"])
 def test_every_config_gives_the_same_answer(which):
-    """Autotuning must never change results beyond the tolerance rule: run each candidate once."""
+    """Autotuning must never change results beyond the tolerance rule: run each candidate once,
+    on odd seqlens and on seqlens that fill every tile (the backward's EVEN_M/EVEN_N variants)."""
     from tritonflash.kernels import backward, forward
 
-    launcher = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq}[which]
+    launcher = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq,
+                "dbias": backward._launch_dbias}[which]
     try:
         for d in (59, 128):
             block_d = 64 if d <= 64 else 128
-            bias = torch.randn(1, 3, 333, 517, device="cuda", requires_grad=True)
-            # The candidates autotuning may pick for this head dim and bias (after the prune).
-            for cfg in launcher.prune(launcher.candidates, {}, BLOCK_D=block_d, Bias=bias, BIAS_ROW=True):
-                launcher.forced = cfg
-                q, k, v = make_qkv(2, 333, 517, 3, d, torch.float16, "cuda")
-                slopes = torch.rand(3, device="cuda")
-                out = flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes)
-                check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=True, alibi_slopes=slopes)
+            for sq, sk in ((333, 517), (256, 512)):
+                bias = torch.randn(1, 3, sq, sk, device="cuda", requires_grad=True)
+                # The candidates autotuning may pick for this head dim and bias (after the prune).
+                for cfg in launcher.prune(launcher.candidates, {}, BLOCK_D=block_d, Bias=bias, BIAS_ROW=True):
+                    launcher.forced = cfg
+                    q, k, v = make_qkv(2, sq, sk, 3, d, torch.float16, "cuda")
+                    slopes = torch.rand(3, device="cuda")
+                    out = flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes)
+                    check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=True, alibi_slopes=slopes)
     finally:
         launcher.forced = None
 

@@ -638,6 +638,9 @@ def attn_bwd(
     )
 
     bias_grad = bias is not None and bias_grad
+    if varlen is not None and bias is not None:
+        # The public API refuses this; the kernels have no per-sequence bias offsets.
+        raise ValueError("attn_bwd: an additive bias is not supported with variable-length (packed) batches")
     # By shape, not stride: an expanded view (stride 0, size seqlen_q) needs a gradient per row.
     row_grad = bias_grad and bias.shape[2] > 1
     # A bias without a row dimension gets per-(batch, head) key sums from the dK/dV pass.

@@ -47,7 +47,8 @@ FWD_CONFIGS = [
 ]
 BWD_DKDV_CONFIGS = [
     # Fastest at head dim 128 on the H200 once full query blocks skip their bounds checks
-    # (docs/perf-notes.md, change 8); 32 query rows a step, one warpgroup on 64 keys.
+    # (docs/perf-notes.md, change 8); 32 query rows a step, one warpgroup on 64 keys. Being
+    # first, it is also the pinned tile for every head dim with TRITONFLASH_AUTOTUNE=0.
     _cfg(32, 64, 4, 3),
     _cfg(64, 128, 8, 3),
     _cfg(64, 128, 8, 2),
@@ -123,8 +124,12 @@ def prune_bwd_dbias(configs, nargs, **kwargs):
     return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0, bias_streamed=False)
 
 
+# EVEN_M / EVEN_N are not autotune keys: the pick cached for a (head dim, bias, length
+# bucket) key was timed with whatever divisibility the first seqlen of that bucket had, and is
+# reused (correctly, only perhaps not optimally) for the other seqlens of the bucket.
 def even_m(args):
-    """Every query block is full (seqlen_q a multiple of BLOCK_M; never for packed varlen rows)."""
+    """Every query block is full (seqlen_q a multiple of BLOCK_M; never for packed varlen rows,
+    and the bias-gradient pass, which gets no IS_VARLEN, never runs on them: attn_bwd refuses)."""
     return not args.get("IS_VARLEN", False) and args["seqlen_q"] % args["BLOCK_M"] == 0
 
 
