@@ -141,8 +141,9 @@ def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.con
     """The bias at ``ptrs + shift`` (from ``_bias_ptrs``), for query rows ``offs_m`` and keys
     ``offs_n`` (1-D, already shifted), as a [M, N] tile, or [N, M] when ``TRANS`` (the dK/dV
     pass). A bias without a row dimension is one vector per key block. A [N, M] tile is read
-    through transposed pointers: Triton coalesces it along its contiguous first dim and, unlike
-    a tl.trans in registers, pipelines it through shared memory (docs/perf-notes.md, change 7).
+    through transposed pointers: Triton coalesces it along its contiguous first dim, with no
+    tl.trans in registers (docs/perf-notes.md, change 7). Triton 3.6 streams the forward's and
+    dQ's [M, N] tile through shared memory (cp.async) but loads this one synchronously.
     Rows / columns are bounds-checked only when asked: the callers clamp the indices that do
     not move (a clamped row or key is never used)."""
     if HAS_BIAS:
