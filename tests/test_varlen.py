@@ -182,3 +182,15 @@ def test_non_contiguous_cu_seqlens():
     out = flash_attn_varlen_func(q, q, q, cu, cu, 7, 7, causal=True)
     ref = flash_attn_varlen_func(q, q, q, cu.contiguous(), cu.contiguous(), 7, 7, causal=True)
     assert torch.equal(out, ref)
+
+
+def test_kernel_backward_refuses_bias_with_varlen():
+    """The kernels have no per-sequence bias offsets: attn_bwd says so instead of computing."""
+    from tritonflash.kernels import Varlen, attn_bwd
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(12, 2, 16, device=DEVICE)
+    lse = torch.zeros(2, 12, device=DEVICE)
+    bias = torch.zeros(1, 2, 7, 7, device=DEVICE)
+    with pytest.raises(ValueError, match="bias is not supported with variable-length"):
+        attn_bwd(q, q, q, q, q, lse, bias, None, None, False, 0.25, bias_grad=True, varlen=Varlen(cu, cu, 7, 7))

@@ -147,7 +147,7 @@ def _attn_bwd_dkdv_inner(
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi).
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed.
     ``EVEN_M``: seqlen_q is a multiple of BLOCK_M, so no query row needs a bounds check (the
-    per-element masks cost ~10% of this pass at head dim 128: docs/perf-notes.md, change 8)."""
+    per-element checks cost ~25% of this pass at head dim 128: docs/perf-notes.md, change 8)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
     bias_ptrs = _bias_ptrs(bias_ptr, offs_m0, tl.minimum(offs_n, seqlen_k - 1), stride_bias, HAS_BIAS, BIAS_ROW, True)
@@ -610,6 +610,9 @@ def attn_bwd(
     given (e.g. views into a packed gradient). With ``bias_grad`` the bias gradient is
     returned in the shape and dtype of the rank-4 ``bias`` view (its size-1 dims summed over),
     else None. Returns (dq, dk, dv, dbias)."""
+    if varlen is not None and bias is not None:
+        # The public API refuses this; the kernels have no per-sequence bias offsets.
+        raise ValueError("attn_bwd: an additive bias is not supported with variable-length (packed) batches")
     pb = problem(q, k, varlen)
     batch, seqlen_q, seqlen_k, nheads, nheads_k = pb.batch, pb.seqlen_q, pb.seqlen_k, pb.nheads, pb.nheads_k
     dq = torch.empty_like(q) if dq is None else dq
@@ -638,9 +641,6 @@ def attn_bwd(
     )
 
     bias_grad = bias is not None and bias_grad
-    if varlen is not None and bias is not None:
-        # The public API refuses this; the kernels have no per-sequence bias offsets.
-        raise ValueError("attn_bwd: an additive bias is not supported with variable-length (packed) batches")
     # By shape, not stride: an expanded view (stride 0, size seqlen_q) needs a gradient per row.
     row_grad = bias_grad and bias.shape[2] > 1
     # A bias without a row dimension gets per-(batch, head) key sums from the dK/dV pass.
