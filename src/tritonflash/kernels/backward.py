@@ -610,9 +610,6 @@ def attn_bwd(
     given (e.g. views into a packed gradient). With ``bias_grad`` the bias gradient is
     returned in the shape and dtype of the rank-4 ``bias`` view (its size-1 dims summed over),
     else None. Returns (dq, dk, dv, dbias)."""
-    if varlen is not None and bias is not None:
-        # The public API refuses this; the kernels have no per-sequence bias offsets.
-        raise ValueError("attn_bwd: an additive bias is not supported with variable-length (packed) batches")
     pb = problem(q, k, varlen)
     batch, seqlen_q, seqlen_k, nheads, nheads_k = pb.batch, pb.seqlen_q, pb.seqlen_k, pb.nheads, pb.nheads_k
     dq = torch.empty_like(q) if dq is None else dq

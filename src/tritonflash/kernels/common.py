@@ -263,6 +263,9 @@ def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, tensors) ->
     """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
     (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8; ``tensors``
     every q/k/v-like tensor the kernels index (for ``needs_wide``)."""
+    if pb.varlen is not None and bias is not None:
+        # The public API refuses this too; the kernels have no per-sequence bias offsets.
+        raise ValueError("an additive bias is not supported with variable-length (packed) batches")
     head_dim = pb.head_dim
     block_d = max(16, triton.next_power_of_2(head_dim))
     stride_bias = (0, 0, 0, 0)

@@ -127,15 +127,20 @@ def prune_bwd_dbias(configs, nargs, **kwargs):
 # EVEN_M / EVEN_N are not autotune keys: the pick cached for a (head dim, bias, length
 # bucket) key was timed with whatever divisibility the first seqlen of that bucket had, and is
 # reused (correctly, only perhaps not optimally) for the other seqlens of the bucket.
+def _fills(args, seqlen, block):
+    # Packed varlen rows never count as full: their sequences start anywhere in a block.
+    return not args.get("IS_VARLEN", False) and args[seqlen] % args[block] == 0
+
+
 def even_m(args):
-    """Every query block is full (seqlen_q a multiple of BLOCK_M; never for packed varlen rows,
-    and the bias-gradient pass, which gets no IS_VARLEN, never runs on them: attn_bwd refuses)."""
-    return not args.get("IS_VARLEN", False) and args["seqlen_q"] % args["BLOCK_M"] == 0
+    """Every query block is full (seqlen_q a multiple of BLOCK_M). The bias-gradient pass gets
+    no IS_VARLEN, and never runs on packed rows: launch_meta refuses a bias with varlen."""
+    return _fills(args, "seqlen_q", "BLOCK_M")
 
 
 def even_n(args):
-    """Every key block is full (seqlen_k a multiple of BLOCK_N; never for packed varlen rows)."""
-    return not args.get("IS_VARLEN", False) and args["seqlen_k"] % args["BLOCK_N"] == 0
+    """Every key block is full (seqlen_k a multiple of BLOCK_N)."""
+    return _fills(args, "seqlen_k", "BLOCK_N")
 
 
 class Launcher:
