@@ -5,7 +5,7 @@ pointer loads vs on-device tensor descriptors (TMA), with or without Triton's Ho
 specialisation, and the score scaling as a separate multiply or folded into one FMA.
 Prints TFLOP/s per variant and the library's own forward beside them.
 
-    python scripts/exp_fwd.py [--d 128] [--seqlens 1024,4096,16384]
+    PYTHONPATH=src python benchmarks/experiments/exp_fwd.py [--d 128] [--seqlens 1024,4096,16384]
 """
 
 # ruff: noqa: B023  (each lambda is timed before its loop variables move on)

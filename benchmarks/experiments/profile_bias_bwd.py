@@ -1,5 +1,5 @@
 """Per-kernel CUDA time of one learned-bias forward+backward (the bias_grad suite's 1k case):
-which backward kernel the time goes to. Usage: python scripts/profile_bias_bwd.py [seqlen]"""
+which backward kernel the time goes to. Usage: PYTHONPATH=src python benchmarks/experiments/profile_bias_bwd.py [seqlen]"""
 import sys
 
 import torch

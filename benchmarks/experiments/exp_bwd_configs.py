@@ -1,7 +1,7 @@
 """Experiment: per-kernel CUDA time of the no-bias backward passes for tile configs beyond the
 candidate lists, and for FlexAttention's kernels on the same inputs.
 
-    python scripts/exp_bwd_configs.py [--d 128 64] [--seqlens 4096]
+    PYTHONPATH=src python benchmarks/experiments/exp_bwd_configs.py [--d 128 64] [--seqlens 4096]
 """
 
 # ruff: noqa: B023  (each lambda is timed before its loop variables move on)
