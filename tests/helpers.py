@@ -1,4 +1,4 @@
-"""Shared test helpers: input factories and the tolerance rule of TESTING.md."""
+"""Shared test helpers: input factories and the tolerance rule of docs/testing.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Forward and backward of the Triton kernels against the reference, with the tolerance rule.
 
-CPU tier: a covering subset of TESTING.md's sweep (every head-dim class, odd and swapped
+CPU tier: a covering subset of docs/testing.md's sweep (every head-dim class, odd and swapped
 seqlens, both dtypes, causal on/off) through the Triton interpreter. GPU tier: the full sweep.
 """
 

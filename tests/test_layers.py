@@ -1,7 +1,7 @@
 """tritonflash.layers: every backend against every other with shared weights, against
 torch.nn.MultiheadAttention, KV-cache decoding, bias builders, configuration errors.
 
-Tolerance (TESTING.md's rule, applied to a whole layer): the oracle is the 'torch' backend in
+Tolerance (docs/testing.md's rule, applied to a whole layer): the oracle is the 'torch' backend in
 float64. A backend's error on every output and gradient (input and parameters) must be within
 ``factor x`` the error of the *baseline* plus a floor of two rounding steps of the precision
 the backend computes in (for fp32, at least 1e-5 of the tensor's largest value: PyTorch's fp32

@@ -1,5 +1,5 @@
 """The reference oracle (``attention_ref``) checked on its own: gradients by finite differences
-in float64, the semantics table of DESIGN.md against a loop over rows, fully masked rows, and
+in float64, the semantics table of docs/semantics.md against a loop over rows, fully masked rows, and
 GQA. Every kernel test trusts this file."""
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_upcast_keeps_float64():
 
 
 def loop_attention(q, k, v, bias, causal, scale, slopes, kpm):
-    """DESIGN.md's table written as a loop in float64: one query row at a time."""
+    """docs/semantics.md's table written as a loop in float64: one query row at a time."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     out = torch.zeros(b, sq, h, d, dtype=F64)
@@ -164,7 +164,7 @@ def loop_attention(q, k, v, bias, causal, scale, slopes, kpm):
                     if bias4 is not None:
                         s += float(bias4[bi, hi, i, j])
                     if slopes is not None:
-                        # ALiBi is applied in fp32 (DESIGN.md): an fp32 product, exact distance.
+                        # ALiBi is applied in fp32 (docs/semantics.md): an fp32 product, exact distance.
                         slope = slopes[bi, hi] if slopes.dim() == 2 else slopes[hi]
                         s -= float(slope.float() * abs(i + sk - sq - j))
                     scores.append(s if visible else -math.inf)
@@ -281,7 +281,7 @@ PRECISIONS = [
 @pytest.mark.parametrize("case", DEAD_CASES)
 def test_fully_masked_rows(case, dtype, upcast):
     """A row with no visible key gives out 0, lse -inf and zero gradients, never NaN; its
-    dout does not leak into dk, dv or the bias gradient (DESIGN.md, fully masked rows)."""
+    dout does not leak into dk, dv or the bias gradient (docs/semantics.md, fully masked rows)."""
     q, k, v, kwargs, dead = _dead_row_case(case, dtype)
     assert dead.any() and not dead.all()
     bias = kwargs.get("bias")
@@ -374,7 +374,7 @@ def test_precision_contract(dtype):
 
 
 def test_reference_and_bias_never_import_triton():
-    """DESIGN.md: reference.py (the CPU fallback and oracle) and bias.py are pure torch."""
+    """docs/semantics.md: reference.py (the CPU fallback and oracle) and bias.py are pure torch."""
     src = Path(tritonflash.__file__).parent
     for name in ("reference.py", "bias.py"):
         tree = ast.parse((src / name).read_text())

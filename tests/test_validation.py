@@ -1,5 +1,5 @@
 """Bad input raises a typed error naming the argument, what was expected and what was received
-(DESIGN.md, "Bad input raises..."), at every public entry point, before any kernel launch.
+(docs/semantics.md, "Bad input"), at every public entry point, before any kernel launch.
 
 Each error test runs with every compute path (the kernel launchers and the reference the CPU
 path falls back to) replaced by one that fails the test, on both dispatch paths of the public

@@ -1,6 +1,6 @@
 """The readable PyTorch oracle for every backend, and the CPU fallback.
 
-Follows the semantics table of DESIGN.md exactly; never imports Triton.
+Follows the semantics table of docs/semantics.md exactly; never imports Triton.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def attention_ref(
         i = torch.arange(seqlen_q, device=q.device).view(-1, 1)
         j = torch.arange(seqlen_k, device=q.device).view(1, -1)
         scores = scores.masked_fill(j > i + seqlen_k - seqlen_q, float("-inf"))
-    # A row with no visible key: softmax would be 0/0. DESIGN.md asks for output 0, lse -inf
+    # A row with no visible key: softmax would be 0/0. docs/semantics.md asks for output 0, lse -inf
     # and zero gradients, so the row is neutralised before softmax and zeroed after.
     dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
     scores = scores.masked_fill(dead, 0.0)

@@ -137,7 +137,7 @@ def _additive_mask(c: _Call) -> torch.Tensor | None:
 
 def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
     """(…, seqlen_q, 1) bool: query rows that see no key. Their scores are neutralised before
-    softmax and their outputs zeroed after (DESIGN.md: output 0, zero gradients, never NaN)."""
+    softmax and their outputs zeroed after (docs/semantics.md: output 0, zero gradients, never NaN)."""
     return torch.isneginf(mask).all(dim=-1, keepdim=True)
 
 
