@@ -16,7 +16,7 @@ endif
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 OUT ?= $(CURDIR)/build/out
 
-.PHONY: demo test gpu-test bench lint env gpu-check clean
+.PHONY: demo test gpu-test bench lint env gpu-check wheel clean
 
 env: $(ENV_STAMP)
 
@@ -47,3 +47,10 @@ gpu-check: $(ENV_STAMP)
 
 lint: $(ENV_STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts examples
+
+# The package's wheel under dist/ (pip builds it in isolation, with setuptools>=77 from the index).
+wheel: $(ENV_STAMP)
+	$(PY) -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf build dist
