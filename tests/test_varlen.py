@@ -61,7 +61,7 @@ def test_varlen_matches_per_sequence_reference(lengths, causal, alibi, nheads, n
     k = torch.randn(sum(lk), nheads_k, d, dtype=dtype, device=DEVICE, requires_grad=True)
     v = torch.randn(sum(lk), nheads_k, d, dtype=dtype, device=DEVICE, requires_grad=True)
     slopes = torch.rand(len(lq), nheads, device=DEVICE) if alibi else None
-    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), None, causal, alibi_slopes=slopes, return_lse=True)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.0, None, causal, alibi_slopes=slopes, return_lse=True)
     assert out.shape == q.shape and lse.shape == (nheads, sum(lq))
     out_ref, lse_ref = _ref(q, k, v, cu_q, cu_k, causal, slopes, True, False)
     out_pt, lse_pt = _ref(q, k, v, cu_q, cu_k, causal, slopes, False, True)
@@ -163,9 +163,9 @@ def test_cpu_reference_fallback_matches_kernels(monkeypatch):
     q = torch.randn(sum(lq), 4, 32, dtype=torch.float16)
     k = torch.randn(sum(lk), 2, 32, dtype=torch.float16)
     v = torch.randn(sum(lk), 2, 32, dtype=torch.float16)
-    out_k, lse_k = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), None, True, return_lse=True)
+    out_k, lse_k = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.0, None, True, return_lse=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    out_r, lse_r = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), None, True, return_lse=True)
+    out_r, lse_r = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.0, None, True, return_lse=True)
     torch.testing.assert_close(out_r, out_k, rtol=0, atol=2e-3)
     torch.testing.assert_close(lse_r, lse_k, rtol=0, atol=1e-4)
 

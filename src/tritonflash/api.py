@@ -2,7 +2,8 @@
 
 CUDA tensors run the Triton kernels. CPU tensors run the reference (``attention_ref``) with
 the same semantics, unless ``TRITON_INTERPRET=1``, in which case the Triton kernels
-themselves run in the Triton interpreter.
+themselves run in the Triton interpreter; that variable must be set before tritonflash (or
+triton) is imported, since the kernels are built then.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
 from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv, unpack_varlen_kv, unpack_varlen_qkv
-from .reference import attention_ref
+from .kernels.configs import INTERPRET
+from .reference import attention_ref, varlen_attention_ref
 
 __all__ = [
     "flash_attn_func",
@@ -27,7 +29,17 @@ __all__ = [
 
 def _use_kernels(x) -> bool:
     # Anything that is not a tensor goes on to validation, which names the argument.
-    return not isinstance(x, torch.Tensor) or x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not isinstance(x, torch.Tensor) or x.is_cuda:
+        return True
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if not INTERPRET:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after tritonflash was imported: its Triton kernels were built for the GPU "
+            "then and cannot run CPU tensors. Set TRITON_INTERPRET=1 before importing tritonflash (or triton), "
+            "or unset it to run CPU tensors through the reference."
+        )
+    return True
 
 
 def _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse):
@@ -80,59 +92,49 @@ def flash_attn_kvpacked_func(
     return FlashAttnKVPackedFunc.apply(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)
 
 
-def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                       alibi_slopes, return_lse):
-    inp = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for i in range(len(cq) - 1):
-        slopes = None if inp.alibi_slopes is None else inp.alibi_slopes[i if inp.alibi_slopes.shape[0] > 1 else 0]
-        qi, ki, vi = (t[a:b].unsqueeze(0) for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1])))
-        if qi.shape[1] == 0:
-            continue
-        if ki.shape[1] == 0:  # no keys at all: every row is fully masked
-            outs.append(torch.zeros_like(qi[0]))
-            lses.append(torch.full((q.shape[1], qi.shape[1]), float("-inf"), device=q.device))
-            continue
-        o, lse = attention_ref(qi, ki, vi, None, inp.causal, inp.softmax_scale, alibi_slopes=slopes, return_lse=True)
-        outs.append(o[0])
-        lses.append(lse[0])
-    out = torch.cat(outs) if outs else torch.zeros_like(q)
-    lse = torch.cat(lses, dim=1) if lses else torch.full((q.shape[1], 0), float("-inf"), device=q.device)
-    return (out, lse) if return_lse else out
+    inp, _, _ = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                               softmax_scale, alibi_slopes)
+    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, inp.causal, inp.softmax_scale,
+                                alibi_slopes=alibi_slopes, return_lse=return_lse)
 
 
 def flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False, *,
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False, *,
     alibi_slopes=None, return_lse=False,
 ):
-    """Attention over a packed batch of variable-length sequences (no padding).
+    """Attention over a packed batch of variable-length sequences (no padding), in flash-attn 2's
+    positional order.
 
     q: (total_q, nheads, headdim), k/v: (total_k, nheads_k, headdim); ``cu_seqlens_q/k`` int32
-    (batch + 1,) cumulative lengths starting at 0 (zero-length sequences allowed);
-    ``max_seqlen_q/k`` at least the longest sequence. Causal is aligned bottom-right per
-    sequence. Additive bias tensors are not supported here (use ``flash_attn_func`` on a padded
-    batch with ``key_padding_mask``); ALiBi via ``alibi_slopes`` is. Returns out
-    (total_q, nheads, headdim) and, with ``return_lse``, lse (nheads, total_q).
+    (batch + 1,) cumulative lengths starting at 0 (zero-length sequences allowed, all of them
+    too: rows without keys give out 0 and lse -inf); ``max_seqlen_q/k`` at least the longest
+    sequence (a larger value is accepted; the launch is sized by the longest sequence).
+    ``dropout_p`` must be 0.0 (NotImplementedError otherwise, until the kernels have dropout).
+    Causal is aligned bottom-right per sequence. Additive bias tensors are not supported here
+    (use ``flash_attn_func`` on a padded batch with ``key_padding_mask``); ALiBi via
+    ``alibi_slopes`` ((nheads,) or (batch, nheads) fp32) is. Returns out (total_q, nheads,
+    headdim) and, with ``return_lse``, lse (nheads, total_q).
     """
     if not _use_kernels(q):
-        return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                 alibi_slopes, return_lse)
-    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                     alibi_slopes, return_lse)
+        return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                                 causal, alibi_slopes, return_lse)
+    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                                     causal, alibi_slopes, return_lse)
 
 
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *,
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, *,
                                      alibi_slopes=None, return_lse=False):
     """``flash_attn_varlen_func`` on a packed qkv (total, 3, nheads, headdim), used as views."""
     q, k, v = unpack_varlen_qkv(qkv)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                                   alibi_slopes=alibi_slopes, return_lse=return_lse)
 
 
-def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                                    causal=False, *, alibi_slopes=None, return_lse=False):
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, *, alibi_slopes=None, return_lse=False):
     """``flash_attn_varlen_func`` with a packed kv (total_k, 2, nheads_k, headdim), used as views."""
     k, v = unpack_varlen_kv(kv)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                  alibi_slopes=alibi_slopes, return_lse=return_lse)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                                  causal, alibi_slopes=alibi_slopes, return_lse=return_lse)

@@ -33,15 +33,15 @@ class Inputs:
     key_padding_mask: torch.Tensor | None  # (batch, seqlen_k) bool
 
 
-def _type_name(x):
+def type_name(x):
     # Qualified outside builtins: numpy.bool would otherwise read as "bool".
     t = type(x)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _tensor(name, x):
+def check_tensor(name, x):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(x)}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
 
 
 def _last_dim_unit(x):
@@ -52,7 +52,7 @@ def _last_dim_unit(x):
 def check_qkv(q, k, v):
     """Validate q (b, sq, h, d) and k, v (b, sk, h_k, d)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, x)
+        check_tensor(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name} must have rank 4 (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
         if x.dtype not in _QKV_DTYPES:
@@ -63,15 +63,13 @@ def check_qkv(q, k, v):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    batch, seqlen_q, nheads, head_dim = q.shape
+    batch, _, nheads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k and v must have q's batch size {batch}, got {k.shape[0]}")
     if k.shape[3] != head_dim:
         raise ValueError(f"k and v must have q's head dim {head_dim}, got {k.shape[3]}")
     if not 1 <= head_dim <= MAX_HEADDIM:
         raise ValueError(f"head dim (last dim of q, k and v) must be between 1 and {MAX_HEADDIM}, got {head_dim}")
-    if seqlen_q < 1 or k.shape[1] < 1:
-        raise ValueError(f"seqlen_q and seqlen_k must be >= 1, got {seqlen_q} and {k.shape[1]}")
     nheads_k = k.shape[2]
     if nheads_k < 1 or nheads % nheads_k != 0:
         raise ValueError(
@@ -80,55 +78,79 @@ def check_qkv(q, k, v):
         )
 
 
-def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> Inputs:
+def check_bool(name, x) -> None:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type_name(x)}")
+
+
+def check_softmax_scale(softmax_scale, name="softmax_scale") -> None:
+    """None (1 / sqrt(head_dim)) or a finite real number."""
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        # bool is an int: a misplaced causal flag would silently become scale 0 or 1.
+        raise TypeError(f"{name} must be a float or None, got {type_name(softmax_scale)}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{name} must be a finite number or None, got {softmax_scale!r}")
+
+
+def host_sync_allowed(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values on the host. Not while a CUDA graph is being
+    captured (a device-to-host copy would break the capture) nor under torch.compile tracing
+    (it would break the graph): such checks are skipped there."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -> torch.Tensor:
+    """Validate ALiBi slopes: a float32 tensor of shape (nheads,) or (batch, nheads) on ``device``,
+    not requiring grad, every entry finite. Returns the (1 or batch, nheads) view the kernels
+    index. The finiteness check reads the slopes on the host (one device-to-host copy); it is
+    skipped while a CUDA graph is captured and under torch.compile tracing (host_sync_allowed),
+    and with ``check_finite=False`` by a caller that hands the slopes to a checking function."""
+    check_tensor("alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.requires_grad:
+        raise ValueError(
+            "alibi_slopes must not require grad: the kernels treat slopes as constants and return no gradient "
+            "for them; pass alibi_slopes.detach(), or a bias tensor if the ALiBi term must be learned"
+        )
+    if check_finite and host_sync_allowed(alibi_slopes):
+        bad = ~torch.isfinite(alibi_slopes)
+        if bad.any():
+            index = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"alibi_slopes must be finite, got {alibi_slopes[index].item()} at index {index}")
+    return alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
+
+
+def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> None:
     """Validate the optional arguments against ``sizes`` = (batch, seqlen_q, seqlen_k, nheads,
-    head_dim) on ``device``. Returns Inputs without q, k, v (the caller sets them)."""
+    head_dim) on ``device``."""
     batch, seqlen_q, seqlen_k, nheads, head_dim = sizes
-    bias4, bias_shape = None, None
     if bias is not None:
-        _tensor("bias", bias)
+        check_tensor("bias", bias)
         if bias.dtype not in _BIAS_DTYPES:
             raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
         if bias.device != device:
             raise ValueError(f"bias must be on q's device {device}, got {bias.device}")
-        shape4 = bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, seqlen_k)
-        if shape4 is None:
+        if bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, seqlen_k) is None:
             raise ValueError(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_k) = "
                 f"({batch}, {nheads}, {seqlen_q}, {seqlen_k}); use e.g. (1, {nheads}, 1, {seqlen_k}) or "
                 f"({batch}, 1, 1, {seqlen_k})"
             )
-        bias_shape = tuple(bias.shape)
-        bias4 = bias[(None,) * (4 - bias.dim())]
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {_type_name(causal)}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        # bool is an int: a misplaced causal flag would silently become scale 0 or 1.
-        raise TypeError(f"softmax_scale must be a float or None, got {_type_name(softmax_scale)}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    slopes = None
+    check_bool("causal", causal)
+    check_softmax_scale(softmax_scale)
     if alibi_slopes is not None:
-        _tensor("alibi_slopes", alibi_slopes)
-        if alibi_slopes.dtype != torch.float32:
-            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-        if alibi_slopes.device != device:
-            raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
-        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-            raise ValueError(
-                f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
-            )
-        if alibi_slopes.requires_grad:
-            raise ValueError(
-                "alibi_slopes must not require grad: the kernels treat slopes as constants and return no gradient "
-                "for them; pass alibi_slopes.detach(), or a bias tensor if the ALiBi term must be learned"
-            )
-        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
-    kpm = None
+        check_alibi_slopes(alibi_slopes, batch, nheads, device)
     if key_padding_mask is not None:
-        _tensor("key_padding_mask", key_padding_mask)
+        check_tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
         if key_padding_mask.device != device:
@@ -138,14 +160,40 @@ def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_
                 f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
+
+
+def check_dropout(dropout_p) -> None:
+    """dropout_p: a number in [0, 1); only 0 until the kernels have dropout."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        # bool is an int: a causal flag one position too early would read as dropout 0 or 1.
+        raise TypeError(f"dropout_p must be a float, got {type_name(dropout_p)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p!r} is not supported yet: the kernels have no attention dropout; pass dropout_p=0.0"
+        )
+
+
+def normalise(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
+    """The kernels' view of inputs that were validated already: no checks and no host reads, so
+    the backward rebuilds it from the saved inputs. Works for (b, s, h, d) and varlen
+    (total, h, d) layouts alike."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
+    kpm = None
+    if key_padding_mask is not None:
         # The kernels read one mask row with unit stride (it is small: copy if needed).
         kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
     return Inputs(
-        q=None,
-        k=None,
-        v=None,
-        bias=bias4,
-        bias_shape=bias_shape,
+        q=_last_dim_unit(q),
+        k=_last_dim_unit(k),
+        v=_last_dim_unit(v),
+        bias=None if bias is None else bias[(None,) * (4 - bias.dim())],
+        bias_shape=None if bias is None else tuple(bias.shape),
         causal=causal,
         softmax_scale=float(softmax_scale),
         alibi_slopes=slopes,
@@ -154,17 +202,19 @@ def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_
 
 
 def prepare(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
+    """Validate (b, s, h, d) inputs and return the kernels' view of them."""
     check_qkv(q, k, v)
     batch, seqlen_q, nheads, head_dim = q.shape
+    if seqlen_q < 1 or k.shape[1] < 1:
+        raise ValueError(f"seqlen_q and seqlen_k must be >= 1, got {seqlen_q} and {k.shape[1]}")
     sizes = (batch, seqlen_q, k.shape[1], nheads, head_dim)
-    inputs = check_options(sizes, q.device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
-    inputs.q, inputs.k, inputs.v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-    return inputs
+    check_options(sizes, q.device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
+    return normalise(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
 
 
 def _unpack(name, x, layout):
     """Split a packed tensor into views along its one integer entry of ``layout``."""
-    _tensor(name, x)
+    check_tensor(name, x)
     axis = next(i for i, dim in enumerate(layout) if isinstance(dim, int))
     if x.dim() != len(layout) or x.shape[axis] != layout[axis]:
         raise ValueError(f"{name} must have shape ({', '.join(map(str, layout))}), got {tuple(x.shape)}")
@@ -190,7 +240,7 @@ def unpack_varlen_kv(kv):
 
 
 def _check_cu_seqlens(name, cu, total, device):
-    _tensor(name, cu)
+    check_tensor(name, cu)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}; use {name}.to(torch.int32)")
     if cu.dim() != 1 or cu.numel() < 2:
@@ -214,10 +264,14 @@ def contiguous_cu_seqlens(cu):
     return cu if cu.stride(0) == 1 else cu.contiguous()
 
 
-def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, alibi_slopes):
-    """Validate a packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d)."""
+def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, softmax_scale,
+                   alibi_slopes):
+    """Validate a packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d), every
+    sequence (all of them, too) may be empty. Returns (Inputs, longest_q, longest_k): the
+    longest sequences, read from cu_seqlens, size the launch (``max_seqlen_q/k`` only has to be
+    at least that, as in flash-attn)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, x)
+        check_tensor(name, x)
         if x.dim() != 3:
             raise ValueError(f"{name} must have rank 3 (total_tokens, nheads, headdim) for varlen, got shape {tuple(x.shape)}")
     check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
@@ -229,11 +283,11 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             f"and {cu_seqlens_k.numel() - 1} sequences"
         )
     for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
-        if isinstance(given, bool) or not isinstance(given, int):
-            raise TypeError(f"{name} must be an int, got {_type_name(given)}")
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type_name(given)}")
         if given < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
-    sizes = (cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1], q.shape[2])
-    inputs = check_options(sizes, q.device, None, causal, softmax_scale, alibi_slopes, None)
-    inputs.q, inputs.k, inputs.v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-    return inputs
+    check_dropout(dropout_p)
+    sizes = (cu_seqlens_q.numel() - 1, longest_q, longest_k, q.shape[1], q.shape[2])
+    check_options(sizes, q.device, None, causal, softmax_scale, alibi_slopes, None)
+    return normalise(q, k, v, None, causal, softmax_scale, alibi_slopes, None), longest_q, longest_k
