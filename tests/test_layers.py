@@ -12,12 +12,14 @@ precision (for 'triton' in an fp32 layer: bf16, the kernels' dtype).
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
 import tritonflash.bias
 from conftest import DEVICE
+from tritonflash import attention_ref
 from tritonflash.layers import (
     ATTN_CLASS_REGISTRY,
     ATTN_FNS,
@@ -634,3 +636,139 @@ def test_forward_errors(impl, fwd, match):
     with pytest.raises(ValueError, match=match):
         layer(x, **kwargs)
 
+
+
+# ----------------------------------------------------------------------------- backends agree or refuse alike
+
+
+def _qkv_flat(b=2, sq=6, sk=6, h=N_HEADS, hk=2, d=16, dtype=torch.float32):
+    q = torch.randn(b, sq, h * d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, sk, hk * d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, sk, hk * d, device=DEVICE, dtype=dtype)
+    return q, k, v, hk
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+def test_bool_attn_bias_is_an_sdpa_mask_on_every_backend(impl):
+    """Regression: a bool attn_bias (PyTorch SDPA's convention, True = attend) was added as +1.0
+    by 'torch' and 'flash' and refused by 'triton'. Every backend now reads it as SDPA does: the
+    same result as the additive 0 / -inf bias, SDPA's result on rows that see a key, and 0 (not
+    NaN) on a row that sees none."""
+    torch.manual_seed(0)
+    q, k, v, hk = _qkv_flat()
+    b, sq, sk, h, d = 2, 6, 6, N_HEADS, 16
+    mask = torch.rand(b, 1, sq, sk, device=DEVICE) > 0.4
+    mask |= torch.eye(sq, sk, dtype=torch.bool, device=DEVICE)
+    mask[1, 0, 2] = False  # a row with no visible key
+    additive = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
+    out_bool, _, _ = ATTN_FNS[impl](q, k, v, h, hk, attn_bias=mask)
+    out_add, _, _ = ATTN_FNS[impl](q, k, v, h, hk, attn_bias=additive)
+    assert torch.equal(out_bool, out_add)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.unflatten(-1, (h, d)).transpose(1, 2),
+        k.unflatten(-1, (hk, d)).transpose(1, 2).repeat_interleave(h // hk, 1),
+        v.unflatten(-1, (hk, d)).transpose(1, 2).repeat_interleave(h // hk, 1),
+        attn_mask=mask,
+    ).transpose(1, 2).flatten(2)
+    live = mask.any(-1)[:, 0]  # (b, sq)
+    tol = 2e-2 if impl == "triton" else 1e-5  # 'triton' computes in bf16 for fp32 layers
+    torch.testing.assert_close(out_bool[live], sdpa[live], rtol=tol, atol=tol)
+    assert (out_bool[~live] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.complex64], ids=str)
+def test_non_float_attn_bias_refused_alike(impl, dtype):
+    """Regression: an integer attn_bias was accepted by 'torch' and 'flash' and refused by
+    'triton'. Every backend now raises the same TypeError naming attn_bias."""
+    q, k, v, hk = _qkv_flat()
+    bias = torch.zeros(1, 1, 6, 6, device=DEVICE).to(dtype)
+    with pytest.raises(TypeError, match=rf"^attn_bias must be a floating-point additive bias .* or a bool mask "
+                                        rf"\(True = attend, PyTorch SDPA's convention\), got {re.escape(str(dtype))}$"):
+        ATTN_FNS[impl](q, k, v, N_HEADS, hk, attn_bias=bias)
+
+
+def _slopes_case(case):
+    slopes = gen_slopes(N_HEADS, device=DEVICE)
+    if case == "fp16":
+        return slopes.half(), TypeError, r"^alibi_slopes must be float32, got torch\.float16$"
+    if case == "fp64":
+        return slopes.double(), TypeError, r"^alibi_slopes must be float32, got torch\.float64$"
+    if case == "requires-grad":
+        return slopes.requires_grad_(True), ValueError, r"^alibi_slopes must not require grad"
+    slopes[1] = {"nan": float("nan"), "inf": float("inf")}[case]
+    return slopes, ValueError, rf"^alibi_slopes must be finite, got {slopes[1].item()} at index \(1,\)$"
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+@pytest.mark.parametrize("case", ["fp16", "fp64", "requires-grad", "nan", "inf"])
+def test_alibi_slopes_refused_alike(impl, case):
+    """Regression: fp16 or grad-requiring alibi_slopes ran on 'torch' and 'flash' (a learned
+    slope even got a gradient there) and were refused by 'triton'; non-finite slopes gave NaN.
+    The layers now apply the kernels' rules (checks.check_alibi_slopes) on every backend."""
+    q, k, v, hk = _qkv_flat()
+    slopes, exc, match = _slopes_case(case)
+    with pytest.raises(exc, match=match):
+        ATTN_FNS[impl](q, k, v, N_HEADS, hk, is_causal=True, alibi_slopes=slopes)
+
+
+def test_torch_backend_is_the_reference():
+    """reference.py is the single semantics oracle: the 'torch' backend computes with its
+    functions, so in float64 it equals attention_ref bit for bit (bias with a finfo.min row,
+    ALiBi, key padding, bottom-right causal, GQA), and its weights are attention_weights'."""
+    from tritonflash.reference import attention_scores, attention_weights
+
+    torch.manual_seed(0)
+    b, sq, sk, h, hk, d = 2, 5, 7, N_HEADS, 2, 8
+    q, k, v, _ = _qkv_flat(b, sq, sk, h, hk, d, dtype=torch.float64)
+    bias = torch.randn(b, 1, sq, sk, device=DEVICE, dtype=torch.float64)
+    bias[0, 0, 1] = torch.finfo(torch.float64).min
+    kpm = torch.ones(b, sk, dtype=torch.bool, device=DEVICE)
+    kpm[1, :3] = False
+    slopes = gen_slopes(h, device=DEVICE)
+    out, w, _ = scaled_multihead_dot_product_attention(q, k, v, h, hk, softmax_scale=0.3, attn_bias=bias,
+                                                       key_padding_mask=kpm, is_causal=True, needs_weights=True,
+                                                       alibi_slopes=slopes)
+    q4, k4, v4 = q.unflatten(-1, (h, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
+    kwargs = dict(alibi_slopes=slopes, key_padding_mask=kpm)
+    ref = attention_ref(q4, k4, v4, bias, True, 0.3, upcast=False, **kwargs)
+    assert torch.equal(out, ref.flatten(2))
+    assert torch.equal(w, attention_weights(attention_scores(q4, k4, bias, True, 0.3, **kwargs)))
+
+
+def test_mpt_builders_refuse_bool_bias():
+    """The MPT builders add to and -inf-fill a float bias; a bool one would turn -inf into True."""
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"^attn_bias must be a floating-point bias for the MPT builders, got torch\.bool"):
+        apply_prefix_lm_mask(mask, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"^attn_bias must be a floating-point bias for the MPT builders, got torch\.bool"):
+        build_attn_bias("torch", mask, 1, 4, alibi=True)
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+@pytest.mark.parametrize("kwargs, match", [
+    pytest.param({"query": [[0.0]]}, r"^query must be a torch\.Tensor, got list$", id="query-list"),
+    pytest.param({"n_heads": 4.0}, r"^n_heads must be an int, got float$", id="n_heads-float"),
+    pytest.param({"is_causal": "yes"}, r"^is_causal must be a bool, got str$", id="is_causal-str"),
+    pytest.param({"softmax_scale": "0.3"}, r"^softmax_scale must be a float or None, got str$", id="scale-str"),
+    pytest.param({"dropout_p": None}, r"^dropout_p must be a float, got NoneType$", id="dropout-None"),
+    pytest.param({"past_key_value": torch.zeros(2)}, r"^past_key_value must be None, \(\) or a \(key, value\) pair of tensors, "
+                 r"got torch\.Tensor$", id="cache-tensor"),
+    pytest.param({"past_key_value": (torch.zeros(2),)}, r"^past_key_value must be None, \(\) or a \(key, value\) pair of tensors, "
+                 r"got tuple of length 1$", id="cache-1-tuple"),
+    pytest.param({"past_key_value": ([0.0], [0.0])}, r"^past_key_value's past key must be a torch\.Tensor, got list$",
+                 id="cache-lists"),
+])
+def test_backend_type_errors_name_the_argument(impl, kwargs, match):
+    """Wrong types reach every backend's shared validation and raise the same TypeError naming
+    the argument (they used to surface as AttributeError or torch's own messages)."""
+    q, k, v, hk = _qkv_flat()
+    args = {"query": q, "key": k, "value": v, "n_heads": N_HEADS, "kv_n_heads": hk, **kwargs}
+    with pytest.raises(TypeError, match=match):
+        ATTN_FNS[impl](**args)
+
+
+def test_layer_x_must_be_a_tensor():
+    layer = make_layer("multihead_attention", "torch")
+    with pytest.raises(TypeError, match=r"^x must be a torch\.Tensor, got list$"):
+        layer([[0.0] * D_MODEL])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_tensor
 from .attn_bias import check_attn_impl
 from .backends import ATTN_FNS
 
@@ -133,6 +134,7 @@ class GroupedQueryAttention(nn.Module):
         is_causal: bottom-right aligned, so decoding with a cache needs no extra mask.
         alibi_slopes: (n_heads,) or (batch, n_heads) fp32 ALiBi slopes (e.g. ``gen_slopes(n_heads)``).
         """
+        check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (batch, seqlen, d_model={self.d_model}), got {tuple(x.shape)}")
         query, key, value = self._qkv(x)

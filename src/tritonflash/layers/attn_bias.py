@@ -38,6 +38,16 @@ def check_attn_impl(attn_impl: str) -> None:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
 
 
+def _check_float_bias(attn_bias: torch.Tensor) -> None:
+    # The builders add to and -inf-fill the bias: a bool mask would turn -inf into True and
+    # ALiBi into 1.0 + slope terms.
+    if not attn_bias.is_floating_point():
+        raise TypeError(
+            f"attn_bias must be a floating-point bias for the MPT builders, got {attn_bias.dtype}; "
+            "start from torch.zeros(attn_bias_shape(...))"
+        )
+
+
 def attn_bias_shape(
     attn_impl: str,
     n_heads: int,
@@ -94,6 +104,7 @@ def build_attn_bias(
             "build_attn_bias(alibi=True) needs an attn_bias tensor to add to; allocate one with "
             "torch.zeros(attn_bias_shape(...))"
         )
+    _check_float_bias(attn_bias)
     alibi_bias = build_alibi_bias(
         n_heads, seq_len, full=not causal, alibi_bias_max=alibi_bias_max, device=attn_bias.device, dtype=attn_bias.dtype
     )
@@ -105,6 +116,7 @@ def _square_bias(attn_bias: torch.Tensor | None, seq_len: int, like: torch.Tenso
     zero ``(1, 1, seq_len, seq_len)`` fp32 bias when there is none."""
     if attn_bias is None:
         return torch.zeros(1, 1, seq_len, seq_len, device=like.device)
+    _check_float_bias(attn_bias)
     if attn_bias.dim() != 4:
         raise ValueError(f"attn_bias must have rank 4 (batch, heads, seq_len, seq_len), got shape {tuple(attn_bias.shape)}")
     if attn_bias.shape[-2] < seq_len or attn_bias.shape[-1] < seq_len:

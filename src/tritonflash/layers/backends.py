@@ -10,24 +10,33 @@ needs_weights=False, alibi_slopes=None) -> (context, attn_weights, past_key_valu
   keys and values are appended after it; the returned ``past_key_value`` is the whole
   ``(k, v)``, so ``seqlen_k = seqlen_past + seqlen_new``.
 - attn_bias: sliced to its last ``seqlen_q`` rows and ``seqlen_k`` columns (``slice_attn_bias``).
+  Floating point: added to the scores (fp64 runs as fp32 on 'triton'). Bool: PyTorch SDPA's
+  convention, True = attend, False = masked (converted to 0 / -inf). Any other dtype: TypeError.
 - key_padding_mask ``(batch, seqlen_k)`` bool, True = keep. is_causal: bottom-right aligned.
-- alibi_slopes ``(n_heads,)`` or ``(batch, n_heads)`` fp32: adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+- alibi_slopes ``(n_heads,)`` or ``(batch, n_heads)`` fp32, finite, not requiring grad (the kernels'
+  rules, checked alike for every backend): adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
 - context ``(batch, seqlen_q, n_heads * head_dim)`` in query's dtype; attn_weights
   ``(batch, n_heads, seqlen_q, seqlen_k)`` when ``needs_weights`` (torch backend only), else None.
 - A query row with no visible key gives 0 on every backend (and zero gradients), never NaN.
+
+The semantics (what a score gets, which scores are masked, rows without a visible key) come from
+``tritonflash.reference``, the oracle the kernels are tested against: 'torch' computes with it,
+'flash' builds its additive mask with it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..api import flash_attn_func
-from ..bias import alibi_slopes_to_bias, masked_bias_entries
-from .attn_bias import MASK_VALUE, slice_attn_bias
+from ..checks import check_alibi_slopes, check_bool, check_softmax_scale, check_tensor, type_name
+from ..reference import attention_scores, attention_weights, repeat_kv, score_terms
+from .attn_bias import slice_attn_bias
 
 __all__ = [
     "scaled_multihead_dot_product_attention",
@@ -58,11 +67,43 @@ class _Call:
         return self.q.shape[0], self.q.shape[2], self.q.shape[1], self.k.shape[1]
 
 
+_FLOAT_BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_attn_bias(attn_bias, query) -> None:
+    check_tensor("attn_bias", attn_bias)
+    if attn_bias.dtype != torch.bool and attn_bias.dtype not in _FLOAT_BIAS_DTYPES:
+        raise TypeError(
+            f"attn_bias must be a floating-point additive bias (float16, bfloat16, float32 or float64) or a bool mask "
+            f"(True = attend, PyTorch SDPA's convention), got {attn_bias.dtype}"
+        )
+    if attn_bias.device != query.device:
+        raise ValueError(f"attn_bias must be on query's device {query.device}, got {attn_bias.device}")
+
+
+def _bool_bias_to_additive(bias: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """SDPA's bool mask (True = attend) as the additive bias 0 / -inf, in query's dtype when it is
+    16-bit (both values are exact in any float dtype), else fp32."""
+    dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return torch.zeros((), dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+
+
 def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-             key_padding_mask, is_causal, dropout_p, alibi_slopes) -> _Call:
+             key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=False) -> _Call:
+    """Validation shared by every backend, so that they accept and refuse the same inputs.
+    ``slopes_checked_later``: the caller passes alibi_slopes to ``flash_attn_func``, which reads
+    them on the host for the same finiteness check (one device-to-host copy, not two)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, x)
         if x.dim() != 3:
             raise ValueError(f"{name} must have shape (batch, seqlen, heads * head_dim), got {tuple(x.shape)}")
+    for name, x in (("n_heads", n_heads), ("kv_n_heads", kv_n_heads)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type_name(x)}")
+    check_bool("is_causal", is_causal)
+    check_softmax_scale(softmax_scale)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type_name(dropout_p)}")
     if n_heads < 1 or kv_n_heads < 1 or n_heads % kv_n_heads != 0:
         raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of kv_n_heads ({kv_n_heads})")
     if query.shape[-1] % n_heads != 0:
@@ -80,10 +121,16 @@ def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_sca
     q = query.unflatten(-1, (n_heads, head_dim))
     k = key.unflatten(-1, (kv_n_heads, head_dim))
     v = value.unflatten(-1, (kv_n_heads, head_dim))
+    if past_key_value is not None and not (isinstance(past_key_value, (tuple, list)) and len(past_key_value) in (0, 2)):
+        raise TypeError(
+            f"past_key_value must be None, () or a (key, value) pair of tensors, got {type_name(past_key_value)}"
+            + (f" of length {len(past_key_value)}" if isinstance(past_key_value, (tuple, list)) else "")
+        )
     if past_key_value is not None and len(past_key_value) > 0:
         k_past, v_past = past_key_value
         want = (batch, kv_n_heads, head_dim)
         for name, x in (("past key", k_past), ("past value", v_past)):
+            check_tensor(f"past_key_value's {name}", x)
             if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != want:
                 raise ValueError(
                     f"past_key_value's {name} must have shape (batch, seqlen_past, kv_n_heads, head_dim) = "
@@ -93,8 +140,13 @@ def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_sca
         k = torch.cat([k_past, k], dim=1)
         v = torch.cat([v_past, v], dim=1)
     seqlen_k = k.shape[1]
+    if attn_bias is not None:
+        _check_attn_bias(attn_bias, query)
     bias = slice_attn_bias(attn_bias, batch, n_heads, seqlen_q, seqlen_k)
+    if bias is not None and bias.dtype == torch.bool:
+        bias = _bool_bias_to_additive(bias, query)
     if key_padding_mask is not None:
+        check_tensor("key_padding_mask (attention_mask)", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask (attention_mask) must be bool (True = keep), got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (batch, seqlen_k):
@@ -102,43 +154,20 @@ def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_sca
                 f"key_padding_mask (attention_mask) must have shape (batch, seqlen_past + seqlen_new) = "
                 f"({batch}, {seqlen_k}), got {tuple(key_padding_mask.shape)}"
             )
-    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((n_heads,), (batch, n_heads)):
-        raise ValueError(f"alibi_slopes must have shape ({n_heads},) or ({batch}, {n_heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes is not None:
+        # The kernels' rules (float32, shape, no grad, finite) on every backend.
+        check_alibi_slopes(alibi_slopes, batch, n_heads, query.device, check_finite=not slopes_checked_later)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     return _Call(q, k, v, (k, v), bias, key_padding_mask, bool(is_causal), float(scale), alibi_slopes)
 
 
-def _causal_mask(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
-    """(seqlen_q, seqlen_k) bool, True where query i must not see key j (bottom-right aligned)."""
-    i = torch.arange(seqlen_q, device=device).view(-1, 1)
-    j = torch.arange(seqlen_k, device=device).view(1, -1)
-    return j > i + seqlen_k - seqlen_q
-
-
-def _additive_mask(c: _Call) -> torch.Tensor | None:
+def _additive_mask(c: _Call) -> torch.Tensor:
     """Bias + ALiBi + padding + causal as one fp32 additive mask broadcastable to
-    (batch, n_heads, seqlen_q, seqlen_k), ``-inf`` where masked; None if there is nothing to add."""
-    batch, _, seqlen_q, seqlen_k = c.shape
-    dev = c.q.device
-    if c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None and not (c.causal and seqlen_q > 1):
-        return None
-    mask = torch.zeros(1, 1, 1, 1, device=dev)
-    if c.bias is not None:
-        # finfo.min-style masks count as -inf, as in the kernels and the reference.
-        mask = mask + c.bias.float().masked_fill(masked_bias_entries(c.bias), MASK_VALUE)
-    if c.alibi_slopes is not None:
-        mask = mask + alibi_slopes_to_bias(c.alibi_slopes, seqlen_q, seqlen_k)
-    if c.key_padding_mask is not None:
-        mask = mask.masked_fill(~c.key_padding_mask.view(batch, 1, 1, seqlen_k), MASK_VALUE)
-    if c.causal and seqlen_q > 1:
-        mask = mask.masked_fill(_causal_mask(seqlen_q, seqlen_k, dev), MASK_VALUE)
-    return mask
-
-
-def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
-    """(…, seqlen_q, 1) bool: query rows that see no key. Their scores are neutralised before
-    softmax and their outputs zeroed after (docs/semantics.md: output 0, zero gradients, never NaN)."""
-    return torch.isneginf(mask).all(dim=-1, keepdim=True)
+    (batch, n_heads, seqlen_q, seqlen_k), ``-inf`` where masked (``reference.score_terms`` on zeros)."""
+    _, _, seqlen_q, seqlen_k = c.shape
+    zeros = torch.zeros(1, 1, 1, 1, device=c.q.device)
+    return score_terms(zeros, seqlen_q, seqlen_k, c.bias, c.causal, alibi_slopes=c.alibi_slopes,
+                       key_padding_mask=c.key_padding_mask)
 
 
 def _merge_heads(out: torch.Tensor) -> torch.Tensor:
@@ -155,27 +184,19 @@ def scaled_multihead_dot_product_attention(
     query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
     key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
 ):
-    """'torch' backend: eager matmul + softmax, computed in fp32 (or wider) whatever the input
-    dtype; supports ``needs_weights`` (weights after dropout) and dropout. See the module doc."""
+    """'torch' backend: the reference's scores and weights (``tritonflash.reference``), computed
+    in fp32 (or wider) whatever the input dtype; supports ``needs_weights`` (weights after
+    dropout) and dropout. See the module doc."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
                  key_padding_mask, is_causal, dropout_p, alibi_slopes)
     math_dtype = torch.promote_types(query.dtype, torch.float32)
-    q = c.q.transpose(1, 2).to(math_dtype)  # (b, h, sq, d)
-    k = _expand_kv(c.k.transpose(1, 2).to(math_dtype), n_heads)  # (b, h, sk, d)
-    v = _expand_kv(c.v.transpose(1, 2).to(math_dtype), n_heads)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * c.softmax_scale  # (b, h, sq, sk)
-    mask = _additive_mask(c)
-    dead = None
-    if mask is not None:
-        scores = scores + mask
-        dead = _dead_rows(mask)
-        scores = scores.masked_fill(dead, 0.0)
-    weights = torch.softmax(scores, dim=-1)
-    if dead is not None:
-        weights = weights.masked_fill(dead, 0.0)
+    q, k, v = (x.to(math_dtype) for x in (c.q, c.k, c.v))  # (b, s, heads, d)
+    scores = attention_scores(q, k, c.bias, c.causal, c.softmax_scale, alibi_slopes=c.alibi_slopes,
+                              key_padding_mask=c.key_padding_mask)  # (b, h, sq, sk)
+    weights = attention_weights(scores)
     if dropout_p > 0.0 and training:
         weights = F.dropout(weights, p=dropout_p, training=True)
-    out = _merge_heads(torch.matmul(weights, v)).to(query.dtype)
+    out = torch.einsum("bhts,bshd->bthd", weights, repeat_kv(v, n_heads)).flatten(2).to(query.dtype)
     return out, (weights.to(query.dtype) if needs_weights else None), c.past_key_value
 
 
@@ -191,11 +212,11 @@ def flash_attn_fn(
     bottom-right causal mask (SDPA's ``is_causal`` is top-left aligned) are summed into one
     additive mask in q's dtype (SDPA's rule), and k/v are expanded to n_heads because SDPA's fused
     kernels do not take ``enable_gqa`` together with a mask (it would fall back to the math kernel)."""
+    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
     if needs_weights:
         raise NotImplementedError("attn_impl='flash' (PyTorch SDPA) cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
-    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
     _, _, seqlen_q, seqlen_k = c.shape
     q, k, v = (x.transpose(1, 2) for x in (c.q, c.k, c.v))  # (b, heads, s, d)
     dropout_p = dropout_p if training else 0.0
@@ -208,7 +229,9 @@ def flash_attn_fn(
         )
         return _merge_heads(out), None, c.past_key_value
     mask = _additive_mask(c)
-    dead = _dead_rows(mask)
+    # Rows with no visible key: a harmless mask row for SDPA, output zeroed after (as the
+    # reference's attention_weights does), whichever kernel PyTorch picks.
+    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
     mask = mask.masked_fill(dead, 0.0).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=mask, dropout_p=dropout_p, scale=c.softmax_scale,
@@ -236,17 +259,21 @@ def triton_flash_attn_fn(
     """'triton' backend: ``tritonflash.flash_attn_func`` (GQA native, ALiBi and key padding
     in-kernel, k/v never expanded). fp32 inputs run in ``triton_compute_dtype`` and the output
     is cast back. No attention weights, no dropout. See the module doc."""
+    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=True)
     if needs_weights:
         raise NotImplementedError("attn_impl='triton' cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
     if dropout_p > 0.0 and training:
         raise NotImplementedError(f"attn_impl='triton' has no attention dropout (attn_pdrop={dropout_p} in training mode); "
                                   "set attn_pdrop=0 or use attn_impl='torch' or 'flash'")
-    c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
     dtype = triton_compute_dtype(query)
+    bias = c.bias
+    if bias is not None and bias.dtype == torch.float64:
+        # The kernels add fp32 at most; the gradient flows back to the fp64 bias.
+        bias = bias.float()
     out = flash_attn_func(
-        c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), c.bias, c.causal, c.softmax_scale,
+        c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias, c.causal, c.softmax_scale,
         alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask,
     )
     return out.flatten(2).to(query.dtype), None, c.past_key_value
