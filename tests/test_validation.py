@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -35,10 +35,6 @@ F16, BF16 = torch.float16, torch.bfloat16
 api_mod = importlib.import_module("tritonflash.api")
 autograd_mod = importlib.import_module("tritonflash.autograd")
 forward_mod = importlib.import_module("tritonflash.kernels.forward")
-
-# A public function given a non-tensor q / qkv calls ``.is_cuda`` on it to choose a backend
-# before validating, so it raises AttributeError instead of the TypeError naming the argument.
-API_NON_TENSOR_BUG = "api._use_kernels(q) reads q.is_cuda before q is validated (AttributeError)"
 
 
 # ---- entry points and inputs -----------------------------------------------------------------
@@ -121,7 +117,6 @@ class Case:
     id: str
     kinds: tuple
     build: object
-    api_bug: str | None = field(default=None)
 
 
 def cross(cases):
@@ -131,10 +126,7 @@ def cross(cases):
         for entry in ENTRIES:
             if entry.kind not in case.kinds:
                 continue
-            marks = []
-            if case.api_bug and not entry.apply:
-                marks = [pytest.mark.xfail(raises=AttributeError, strict=True, reason=case.api_bug)]
-            params.append(pytest.param(entry, case, id=f"{case.id}-{entry.id}", marks=marks))
+            params.append(pytest.param(entry, case, id=f"{case.id}-{entry.id}"))
     return params
 
 

@@ -60,10 +60,15 @@ def flash_attn_func(
     nheads % nheads_k == 0 (GQA/MQA, k/v never expanded). fp16 or bf16, headdim 1..256.
     bias: broadcastable to (batch, nheads, seqlen_q, seqlen_k), fp32/fp16/bf16; if it
     requires grad its gradient has its own shape. causal: aligned bottom-right.
-    alibi_slopes: (nheads,) or (batch, nheads) fp32, ALiBi computed in-kernel.
+    alibi_slopes: (nheads,) or (batch, nheads) fp32, finite (checked on the host, except
+    during CUDA graph capture and torch.compile tracing), ALiBi computed in-kernel.
     key_padding_mask: (batch, seqlen_k) bool, True = keep.
     Returns out (batch, seqlen_q, nheads, headdim), and lse (batch, nheads, seqlen_q) fp32
-    when ``return_lse``.
+    when ``return_lse`` (no gradient flows through lse on the kernel path).
+
+    Gradients come from the backward kernels. A backward that must itself be differentiable
+    (``create_graph=True``, ``torch.func.grad``) recomputes them through ``attention_ref``
+    instead: fp32 math and O(seqlen_q * seqlen_k) memory per (batch, head), like eager attention.
     """
     if not _use_kernels(q):
         return _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse)

@@ -12,10 +12,12 @@ inputs. That path computes in fp32 and materialises the (batch, nheads, seqlen_q
 scores, i.e. O(seqlen_q * seqlen_k) memory, like any eager attention.
 
 The Functions are new-style (``forward`` without ctx, ``setup_context``) so that torch.func
-transforms accept them. Each public class is a thin subclass whose ``apply`` drops the lse
-unless ``return_lse``: the Function underneath always returns it, because torch.func lets
-setup_context save only inputs and outputs. ``torch.func.vmap`` is refused with our own
-NotImplementedError: fold the vmapped dimension into the batch dimension instead.
+transforms accept them, and they always return the lse (torch.func lets setup_context save only
+inputs and outputs). Each public class is a front whose ``apply`` calls its Function (its
+``function`` attribute) and drops the lse unless ``return_lse``; it is not itself an
+autograd.Function because torch.compile would trace a Function's ``forward`` directly and skip
+an overridden ``apply``. ``torch.func.vmap`` is refused with our own NotImplementedError: fold
+the vmapped dimension into the batch dimension instead.
 """
 
 from __future__ import annotations
@@ -239,47 +241,55 @@ class _FlashAttnVarlen(torch.autograd.Function):
     vmap = _no_vmap("FlashAttnVarlenFunc")
 
 
-class FlashAttnFunc(_FlashAttn):
+class FlashAttnFunc:
     """``FlashAttnFunc.apply(q, k, v, bias=None, causal=False, softmax_scale=None,
     alibi_slopes=None, key_padding_mask=None, return_lse=False)``, as ``flash_attn_func``."""
 
-    @classmethod
-    def apply(cls, q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
+    function = _FlashAttn
+
+    @staticmethod
+    def apply(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False):
         out, lse = _FlashAttn.apply(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
         return (out, lse) if return_lse else out
 
 
-class FlashAttnQKVPackedFunc(_FlashAttnQKVPacked):
+class FlashAttnQKVPackedFunc:
     """``FlashAttnQKVPackedFunc.apply(qkv, bias=None, causal=False, softmax_scale=None,
     alibi_slopes=None, key_padding_mask=None, return_lse=False)``, as ``flash_attn_qkvpacked_func``."""
 
-    @classmethod
-    def apply(cls, qkv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
+    function = _FlashAttnQKVPacked
+
+    @staticmethod
+    def apply(qkv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False):
         out, lse = _FlashAttnQKVPacked.apply(qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
         return (out, lse) if return_lse else out
 
 
-class FlashAttnKVPackedFunc(_FlashAttnKVPacked):
+class FlashAttnKVPackedFunc:
     """``FlashAttnKVPackedFunc.apply(q, kv, bias=None, causal=False, softmax_scale=None,
     alibi_slopes=None, key_padding_mask=None, return_lse=False)``, as ``flash_attn_kvpacked_func``."""
 
-    @classmethod
-    def apply(cls, q, kv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
+    function = _FlashAttnKVPacked
+
+    @staticmethod
+    def apply(q, kv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False):
         out, lse = _FlashAttnKVPacked.apply(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
         return (out, lse) if return_lse else out
 
 
-class FlashAttnVarlenFunc(_FlashAttnVarlen):
+class FlashAttnVarlenFunc:
     """``FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     dropout_p=0.0, softmax_scale=None, causal=False, alibi_slopes=None, return_lse=False)``, as
     ``flash_attn_varlen_func``: q (total_q, h, d), k/v (total_k, h_k, d), int32 cumulative
     sequence lengths. Returns out (total_q, h, d) [and lse (h, total_q)]."""
 
-    @classmethod
-    def apply(cls, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    function = _FlashAttnVarlen
+
+    @staticmethod
+    def apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
               causal=False, alibi_slopes=None, return_lse=False):
         out, lse, _, _ = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 dropout_p, softmax_scale, causal, alibi_slopes)
