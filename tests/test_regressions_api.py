@@ -534,24 +534,32 @@ def test_torch_func_vmap_raises_our_error(fn, ref):
 def test_triton_interpret_set_after_import_raises_clear_error():
     """Regression: setting TRITON_INTERPRET=1 after ``import tritonflash`` made CPU tensors take
     the kernel path with kernels built for the GPU ('0 active drivers'). Now a RuntimeError says
-    it must be set before importing; the autograd classes say the same for CPU tensors."""
+    it must be set before importing, after validation (bad input still gets its own error); an
+    autograd class given CPU tensors without the interpreter says how to run them."""
     code = "\n".join([
         "import os, torch, tritonflash",
-        "os.environ['TRITON_INTERPRET'] = '1'",
         "q = torch.randn(1, 3, 2, 16, dtype=torch.float16)",
-        "for f in (lambda: tritonflash.flash_attn_func(q, q, q), lambda: tritonflash.FlashAttnFunc.apply(q, q, q)):",
+        "def show(f):",
         "    try:",
         "        f()",
         "        print('NO ERROR')",
-        "    except RuntimeError as e:",
-        "        print('RuntimeError:', e)",
+        "    except (RuntimeError, TypeError) as e:",
+        "        print(type(e).__name__ + ':', e)",
+        "show(lambda: tritonflash.FlashAttnFunc.apply(q, q, q))",
+        "os.environ['TRITON_INTERPRET'] = '1'",
+        "show(lambda: tritonflash.flash_attn_func(q, q, q))",
+        "show(lambda: tritonflash.FlashAttnFunc.apply(q, q, q))",
+        "show(lambda: tritonflash.flash_attn_func(q, q, q, causal=1))",
     ])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stdout.splitlines() if line]
-    assert len(lines) == 2, res.stdout
-    for line in lines:
-        assert line.startswith("RuntimeError:"), line
-        assert "TRITON_INTERPRET" in line and "before importing tritonflash" in line, line
+    assert len(lines) == 4, res.stdout
+    assert lines[0].startswith("RuntimeError: the Triton kernels need CUDA tensors, got q on cpu"), lines[0]
+    assert "TRITON_INTERPRET=1 must be set before importing tritonflash" in lines[0], lines[0]
+    for line in lines[1:3]:
+        assert line.startswith("RuntimeError: TRITON_INTERPRET=1 was set after tritonflash was imported"), line
+        assert "Set TRITON_INTERPRET=1 before importing tritonflash" in line, line
+    assert lines[3] == "TypeError: causal must be a bool, got int", lines[3]

@@ -142,6 +142,9 @@ def _launched(*args, **kwargs):
 def no_launch(monkeypatch):
     """Every compute path fails if reached; returns a function that selects an entry's dispatch."""
     monkeypatch.setattr(autograd_mod, "attn_fwd", _launched)
+    # On a GPU machine the kernels are not built for the interpreter: CPU tensors on the
+    # kernel path would be refused just before the launch, which the guard stands in for.
+    monkeypatch.setattr(autograd_mod, "check_kernel_device", lambda q: None)
     monkeypatch.setattr(forward_mod, "_launch_fwd", _launched)
     monkeypatch.setattr(api_mod, "attention_ref", _launched)
 

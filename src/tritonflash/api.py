@@ -14,7 +14,6 @@ import torch
 
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
 from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv, unpack_varlen_kv, unpack_varlen_qkv
-from .kernels.configs import INTERPRET
 from .reference import attention_ref, varlen_attention_ref
 
 __all__ = [
@@ -28,18 +27,10 @@ __all__ = [
 
 
 def _use_kernels(x) -> bool:
-    # Anything that is not a tensor goes on to validation, which names the argument.
-    if not isinstance(x, torch.Tensor) or x.is_cuda:
-        return True
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    if not INTERPRET:
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after tritonflash was imported: its Triton kernels were built for the GPU "
-            "then and cannot run CPU tensors. Set TRITON_INTERPRET=1 before importing tritonflash (or triton), "
-            "or unset it to run CPU tensors through the reference."
-        )
-    return True
+    # Anything that is not a tensor goes on to validation, which names the argument. A CPU
+    # tensor with TRITON_INTERPRET=1 set only after import reaches the kernel path too, where it
+    # is refused after validation (autograd.check_kernel_device says how to fix it).
+    return not isinstance(x, torch.Tensor) or x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse):

@@ -22,6 +22,8 @@ the vmapped dimension into the batch dimension instead.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .checks import Inputs, contiguous_cu_seqlens, normalise, prepare, prepare_varlen, unpack_kv, unpack_qkv
@@ -34,14 +36,22 @@ __all__ = ["FlashAttnFunc", "FlashAttnQKVPackedFunc", "FlashAttnKVPackedFunc", "
 
 def check_kernel_device(q: torch.Tensor) -> None:
     """The kernels need CUDA tensors, or the interpreter, which Triton decides when the kernels
-    are defined (at ``import tritonflash``), not per call."""
-    if q.device.type != "cuda" and not INTERPRET:
+    are defined (at ``import tritonflash``), not per call. Called after validation, just before
+    a launch."""
+    if q.device.type == "cuda" or INTERPRET:
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError(
-            f"the Triton kernels need CUDA tensors, got q on {q.device}. CPU tensors run them only in the "
-            "Triton interpreter, and TRITON_INTERPRET=1 must be set before importing tritonflash (or triton): "
-            "the kernels are built when tritonflash is imported. flash_attn_func and the other public functions "
-            "run the reference on CPU tensors without it."
+            "TRITON_INTERPRET=1 was set after tritonflash was imported: its Triton kernels were built for the GPU "
+            f"then and cannot run tensors on {q.device}. Set TRITON_INTERPRET=1 before importing tritonflash "
+            "(or triton), or unset it to run CPU tensors of the public functions through the reference."
         )
+    raise RuntimeError(
+        f"the Triton kernels need CUDA tensors, got q on {q.device}. CPU tensors run them only in the Triton "
+        "interpreter, and TRITON_INTERPRET=1 must be set before importing tritonflash (or triton): the kernels "
+        "are built when tritonflash is imported. flash_attn_func and the other public functions run the "
+        "reference on CPU tensors without it."
+    )
 
 
 def _kernel_forward(inp: Inputs, varlen: Varlen | None = None):
