@@ -14,12 +14,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ON_GPU
 from tritonflash.kernels import configs
+from tritonflash.kernels.common import Variant
 
 SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
 HERE = Path(__file__).parent
@@ -37,14 +39,23 @@ VARIANTS = [
 
 
 def _candidate_cases():
+    """Per kernel and head dim, the kept candidate with the most estimated shared memory (the
+    one that would overflow first) and the one with the largest tile: a covering set, since
+    compiling every kept candidate took minutes of the CPU tier."""
     cases = []
-    for which, launcher in (("fwd", configs.prune_fwd), ("dkdv", configs.prune_bwd_dkdv), ("dq", configs.prune_bwd_dq),
-                            ("dbias", configs.prune_bwd_dbias)):
+    for which, prune in (("fwd", configs.prune_fwd), ("dkdv", configs.prune_bwd_dkdv), ("dq", configs.prune_bwd_dq),
+                         ("dbias", configs.prune_bwd_dbias)):
         candidates = {"fwd": configs.FWD_CONFIGS, "dkdv": configs.BWD_DKDV_CONFIGS, "dq": configs.BWD_DQ_CONFIGS,
                       "dbias": configs.BWD_DBIAS_CONFIGS}[which]
         for d in (64, 128, 256):
             # The cases below carry an fp32 (1, h, s, s) bias: prune for it.
-            for c in launcher(candidates, {}, BLOCK_D=d, Bias=torch.empty(1, dtype=torch.float32), BIAS_ROW=True):
+            var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, HAS_KPM=False, MASK_BOTH_EDGES=False,
+                          IS_VARLEN=False, BLOCK_D=d, EVEN_D=True, WIDE=False, INTERP_BF16=False)
+            args = dict(VAR=var, score=SimpleNamespace(bias=torch.empty(1, dtype=torch.float32)))
+            kept = prune(candidates, {}, **args)
+            picks = {max(kept, key=lambda c: configs.smem_estimate(which, c, args)),
+                     max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))}
+            for c in picks:
                 cfg = [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]
                 cases.append(dict(d=d, causal=True, bias="row", alibi=True, kpm=False, gqa=False, varlen=False,
                                   dtype="bfloat16", force=[which, cfg]))
@@ -89,9 +100,12 @@ def test_hot_kernels_do_not_serialise_wgmma():
     # seqlen 96 fills every query block of the default dK/dV tile (32 rows), so that pass is
     # compiled without row bounds checks (EVEN_M); at 100 it keeps them. (The dbias pass is
     # not a hot kernel here.)
+    # Every combination at head dim 128 (the most register pressure), and at 64 the two that
+    # once serialised: a bias with rows not 16-aligned, and full query blocks in dK/dV.
+    combos = [(128, causal, bias, seqlen) for causal in (False, True) for bias in (None, "row") for seqlen in (96, 100)]
+    combos += [(64, True, "row", 100), (64, False, None, 96)]
     cases = [dict(d=d, causal=causal, bias=bias, alibi=False, kpm=False, gqa=False, varlen=False, dtype="bfloat16",
-                  bias_dtype="bfloat16", check_serial=True, seqlen=seqlen)
-             for d in (64, 128) for causal in (False, True) for bias in (None, "row") for seqlen in (96, 100)]
+                  bias_dtype="bfloat16", check_serial=True, seqlen=seqlen) for d, causal, bias, seqlen in combos]
     rows = _compile(cases)
     errors = [r for r in rows if "error" in r]
     assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,6 +119,7 @@ def test_every_config_gives_the_same_answer(which):
     """Autotuning must never change results beyond the tolerance rule: run each candidate once,
     on odd seqlens and on seqlens that fill every tile (the backward's EVEN_M/EVEN_N variants)."""
     from tritonflash.kernels import backward, forward
+    from tritonflash.kernels.common import Variant
 
     launcher = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq,
                 "dbias": backward._launch_dbias}[which]
@@ -127,7 +129,9 @@ def test_every_config_gives_the_same_answer(which):
             for sq, sk in ((333, 517), (256, 512)):
                 bias = torch.randn(1, 3, sq, sk, device="cuda", requires_grad=True)
                 # The candidates autotuning may pick for this head dim and bias (after the prune).
-                for cfg in launcher.prune(launcher.candidates, {}, BLOCK_D=block_d, Bias=bias, BIAS_ROW=True):
+                var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, HAS_KPM=False, MASK_BOTH_EDGES=False,
+                              IS_VARLEN=False, BLOCK_D=block_d, EVEN_D=d == block_d, WIDE=False, INTERP_BF16=False)
+                for cfg in launcher.prune(launcher.candidates, {}, VAR=var, score=SimpleNamespace(bias=bias)):
                     launcher.forced = cfg
                     q, k, v = make_qkv(2, sq, sk, 3, d, torch.float16, "cuda")
                     slopes = torch.rand(3, device="cuda")

@@ -1,8 +1,14 @@
-"""Shared ``@triton.jit`` helpers: the score modification (scale, bias, ALiBi, masks) and
-the tensor-core product, used by the forward and both backward kernels.
+"""What every kernel shares: the variant description, the score and its mask, the block
+ranges, pointer arithmetic and the program prologue.
+
+A score/mask feature lives in three places here (docs/architecture.md lists them):
+``Variant`` (its compile-time switch, set in ``launch_meta``), ``ScoreArgs`` (its runtime
+scalars), ``_visible``/``_score`` (what it does to one tile) and ``_key_range``/``_query_range``
+(which blocks it lets a program skip or must mask). The kernels never name a feature.
 
 Scores are kept in log2 units (the natural-log score times log2(e)) so that the softmax
-uses ``exp2``; the launchers fold log2(e) into ``qk_scale`` and into the ALiBi slope.
+uses ``exp2``; ``launch_meta`` folds log2(e) into ``qk_scale`` and ``_score_ctx`` into the
+ALiBi slope.
 """
 
 from __future__ import annotations
@@ -21,11 +27,76 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+class Variant(NamedTuple):
+    """The kernel variant: every compile-time choice that follows from the inputs, passed to
+    every kernel and helper as one ``tl.constexpr`` (``VAR``). Tile sizes and EVEN_M/EVEN_N
+    follow from the chosen config instead and stay separate constexprs."""
+
+    CAUSAL: bool  # bottom-right causal mask
+    HAS_BIAS: bool  # additive bias tensor
+    BIAS_ROW: bool  # the bias has a query-row dimension ([M, N] tiles, not one [N] vector)
+    HAS_ALIBI: bool  # in-kernel ALiBi from per-(batch, head) slopes
+    HAS_KPM: bool  # key padding mask
+    MASK_BOTH_EDGES: bool  # block ranges have a masked edge on both sides (a sliding window); else only the causal/tail one
+    IS_VARLEN: bool  # packed variable-length batch (cu_seqlens)
+    BLOCK_D: int  # head dim rounded up to a power of two (>= 16)
+    EVEN_D: bool  # head dim == BLOCK_D: no column masks on q/k/v tiles
+    WIDE: bool  # int64 in-slice offsets (see needs_wide)
+    INTERP_BF16: bool  # bf16 under the interpreter (its bf16 dot and cast need help)
+
+
+class ScoreArgs(NamedTuple):
+    """Runtime inputs of the score, one kernel argument. Absent tensors are replaced by a
+    placeholder that is never read (Triton cannot build a tuple holding None). Flat: Triton
+    3.6 loses a specialised stride (1) of a tuple nested in a namedtuple argument when a loop
+    copies its scope ("cannot convert None to tensor")."""
+
+    qk_scale: float  # softmax scale * log2(e)
+    bias: torch.Tensor  # rank-4 bias, broadcast dims with stride 0 (VAR.HAS_BIAS)
+    stride_bias_b: int
+    stride_bias_h: int
+    stride_bias_m: int
+    stride_bias_n: int
+    slopes: torch.Tensor  # (1 | batch, nheads) fp32 ALiBi slopes (VAR.HAS_ALIBI)
+    stride_slopes_b: int
+    stride_slopes_h: int
+    kpm: torch.Tensor  # (batch, seqlen_k) uint8 key padding mask, nonzero = keep (VAR.HAS_KPM)
+    stride_kpm_b: int
+
+
+class ScoreCtx(NamedTuple):
+    """``ScoreArgs`` resolved for one (batch, head): what ``_score`` and ``_visible`` read."""
+
+    qk_scale: float
+    slope: float  # ALiBi slope times -log2(e)
+    bias_ptr: tl.tensor  # the bias of this (batch, head), or the placeholder
+    stride_bias_m: int
+    stride_bias_n: int
+    kpm_ptr: tl.tensor  # this batch's key padding row, or the placeholder
+
+
+class Span(NamedTuple):
+    """One program's place: its block along the axis it owns, its batch entry and heads, and
+    the rows of its sequences (``start_*`` the first packed row, ``seqlen_*`` the length)."""
+
+    block: tl.tensor
+    off_b: tl.tensor
+    off_h: tl.tensor  # query head (q-owning kernels) or kv head (the dK/dV pass)
+    start_q: tl.tensor
+    seqlen_q: tl.tensor
+    start_k: tl.tensor
+    seqlen_k: tl.tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic and memory
+
+
 @triton.jit
-def _dot(a, b, acc, INTERP_BF16: tl.constexpr):
+def _dot(a, b, acc, VAR: tl.constexpr):
     # Triton 3.6's interpreter multiplies the raw uint16 bits of bf16 operands, so under
     # the interpreter bf16 operands are upcast (exact: a bf16 product fits in fp32).
-    if INTERP_BF16:
+    if VAR.INTERP_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         return tl.dot(a, b, acc)
@@ -65,6 +136,19 @@ def _shift(start, stride):
 
 
 @triton.jit
+def _slice(Base, strides, off_b, row0, off_h):
+    """One (batch, head) slice of a (batch, row, head, dim) tensor from row ``row0`` on: its
+    base pointer (int64 arithmetic) and its (row, dim) strides."""
+    return Base + off_b * strides[0] + row0 * strides[1] + off_h * strides[2], (strides[1], strides[3])
+
+
+@triton.jit
+def _stat_ptr(Base, strides, off_b, off_h, row0):
+    """Row statistics (lse, delta) of one (batch, head), laid out (batch, head, row)."""
+    return Base + off_b * strides[0] + off_h * strides[1] + row0 * strides[2]
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Load a tile, masking rows >= n_rows and/or cols >= n_cols (read as 0) only when asked."""
     if MASK_ROWS:
@@ -78,6 +162,27 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_C
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _load_rows(slc, offs_r, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, VAR: tl.constexpr):
+    """[len(offs_r), BLOCK_D] tile of a ``_slice``: rows ``offs_r``, the head dim."""
+    ptr, rc = slc
+    return _load_tile(ptr + _ptr_offset(offs_r[:, None], offs_d[None, :], rc, VAR.WIDE),
+                      offs_r[:, None], n_rows, offs_d[None, :], head_dim, MASK_ROWS, not VAR.EVEN_D)
+
+
+@triton.jit
+def _store_rows(slc, x, offs_r, n_rows, offs_d, head_dim, VAR: tl.constexpr):
+    """Store a [len(offs_r), BLOCK_D] fp32 tile into a ``_slice`` in its element type."""
+    ptr, rc = slc
+    rows, cols = offs_r[:, None], offs_d[None, :]
+    tl.store(ptr + _ptr_offset(rows, cols, rc, VAR.WIDE), _cast(x, ptr.dtype.element_ty, VAR.INTERP_BF16),
+             mask=(rows < n_rows) & (cols < head_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Program prologue
 
 
 @triton.jit
@@ -95,10 +200,10 @@ def _seq_span(CuSeqlens, off_b, seqlen, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _batch_head(pid, batch, nheads, BATCH_INNER: tl.constexpr):
-    """(batch, head) of a program from its index along the batch*heads grid axis (int64).
-    ``BATCH_INNER`` (used with a bias that has a row dimension) runs the batches of one head
-    next to each other: a bias shared by the batch is then read from HBM once and from L2 by
-    the other batches. Otherwise the heads of one batch are adjacent (GQA groups share K/V)."""
+    """(batch, head) of a program from its (batch, head) index (int64). ``BATCH_INNER`` (used
+    with a bias that has a row dimension) runs the batches of one head next to each other: a
+    bias shared by the batch is then read from HBM once and from L2 by the other batches.
+    Otherwise the heads of one batch are adjacent (GQA groups share K/V)."""
     pid = pid.to(tl.int64)
     if BATCH_INNER:
         off_b = pid % batch
@@ -110,34 +215,107 @@ def _batch_head(pid, batch, nheads, BATCH_INNER: tl.constexpr):
 
 
 @triton.jit
-def _alibi_slope(Slopes, off_b, off_h, stride_slopes, HAS_ALIBI: tl.constexpr):
-    """ALiBi slope of one (batch, head), times -log2(e) so that it adds in log2 units."""
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slopes[0] + off_h * stride_slopes[1]).to(tl.float32) * -LOG2E
-    return slope
+def _span(n_blocks, batch, nheads, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, REVERSE: tl.constexpr, VAR: tl.constexpr):
+    """Decode the program id of a 1-D grid of ``n_blocks * batch * nheads`` programs, blocks
+    fastest (the programs of one (batch, head) run together and share its K/V in L2). One
+    grid axis: axes 1 and 2 hold at most 65535 programs, fewer than batch * nheads can be.
+    ``REVERSE`` starts the last block first (causal: later query blocks see more keys, so
+    the tail of the grid is short)."""
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    if REVERSE:
+        block = n_blocks - 1 - block
+    off_b, off_h = _batch_head(pid // n_blocks, batch, nheads, VAR.BIAS_ROW)
+    start_q, len_q = _seq_span(CuSeqQ, off_b, seqlen_q, VAR.IS_VARLEN)
+    start_k, len_k = _seq_span(CuSeqK, off_b, seqlen_k, VAR.IS_VARLEN)
+    return Span(block, off_b, off_h, start_q, len_q, start_k, len_k)
 
 
 @triton.jit
-def _bias_ptrs(bias_ptr, offs_m, offs_n, stride_bias, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, TRANS: tl.constexpr):
+def _score_ctx(args, off_b, off_h, VAR: tl.constexpr):
+    """``ScoreArgs`` of one (batch, query head)."""
+    slope = 0.0
+    if VAR.HAS_ALIBI:
+        slope = tl.load(args.slopes + off_b * args.stride_slopes_b + off_h * args.stride_slopes_h).to(tl.float32) * -LOG2E
+    bias_ptr = args.bias
+    if VAR.HAS_BIAS:
+        bias_ptr = args.bias + off_b * args.stride_bias_b + off_h * args.stride_bias_h
+    kpm_ptr = args.kpm
+    if VAR.HAS_KPM:
+        kpm_ptr = args.kpm + off_b * args.stride_kpm_b
+    return ScoreCtx(args.qk_scale, slope, bias_ptr, args.stride_bias_m, args.stride_bias_n, kpm_ptr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block ranges
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
+    """Key range of the query block starting at row ``start_m``: (lo, full_lo, full_hi, hi).
+    Key blocks in [full_lo, full_hi) need no per-element mask, those in [full_hi, hi) do, and
+    so do those in [lo, full_lo) when ``VAR.MASK_BOTH_EDGES`` (the kernels skip that range
+    otherwise: lo == full_lo). Keys outside [lo, hi) are invisible to every row of the block.
+    Bounds are multiples of BLOCK_N except ``hi``; the partial last key block is always in a
+    masked range.
+
+    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q."""
+    full_n = (seqlen_k // BLOCK_N) * BLOCK_N
+    lo = 0
+    if VAR.CAUSAL:
+        diag = start_m + seqlen_k - seqlen_q
+        hi = tl.minimum(tl.maximum(diag + BLOCK_M, 0), seqlen_k)
+        full_hi = tl.minimum((tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N, full_n)
+        full_hi = tl.minimum(full_hi, hi)
+    else:
+        hi = seqlen_k
+        full_hi = full_n
+    return lo, lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
+    """Query range of the key block starting at ``start_n``, the mirror of ``_key_range``:
+    (lo, full_lo, full_hi, hi). Query blocks in [lo, full_lo) need the per-element mask, those
+    in [full_lo, full_hi) do not, and those in [full_hi, hi) do when ``VAR.MASK_BOTH_EDGES``
+    (skipped otherwise: full_hi == hi). Rows past seqlen_q are neutralised by their LSE (+inf),
+    so ``hi`` is a multiple of BLOCK_M."""
+    end_m = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    if VAR.CAUSAL:
+        first_row = tl.maximum(start_n - (seqlen_k - seqlen_q), 0)
+        lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, end_m)
+        full_row = tl.maximum(start_n + BLOCK_N - 1 - (seqlen_k - seqlen_q), 0)
+        full_lo = tl.minimum(tl.cdiv(full_row, BLOCK_M) * BLOCK_M, end_m)
+    else:
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, end_m, end_m
+
+
+# ---------------------------------------------------------------------------------------------
+# The score and its mask
+
+
+@triton.jit
+def _bias_ptrs(ctx, offs_m, offs_n, TRANS: tl.constexpr, VAR: tl.constexpr):
     """Pointers of the bias tile at query rows ``offs_m`` and keys ``offs_n`` (1-D): a
     [M, N] tile ([N, M] when ``TRANS``, the dK/dV pass), or one [N] vector when the bias has
-    no row dimension."""
-    ptrs = bias_ptr
-    if HAS_BIAS:
-        if BIAS_ROW:
+    no row dimension. Always int64 (a bias can pass 2**31 elements on its own)."""
+    ptrs = ctx.bias_ptr
+    if VAR.HAS_BIAS:
+        if VAR.BIAS_ROW:
             if TRANS:
-                ptrs = bias_ptr + _ptr_offset(offs_n[:, None], offs_m[None, :], (stride_bias[1], stride_bias[0]), True)
+                ptrs = ctx.bias_ptr + _ptr_offset(offs_n[:, None], offs_m[None, :], (ctx.stride_bias_n, ctx.stride_bias_m), True)
             else:
-                ptrs = bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], stride_bias, True)
+                ptrs = ctx.bias_ptr + _ptr_offset(offs_m[:, None], offs_n[None, :], (ctx.stride_bias_m, ctx.stride_bias_n), True)
         else:
-            ptrs = bias_ptr + offs_n * stride_bias[1]
+            ptrs = ctx.bias_ptr + offs_n * ctx.stride_bias_n
     return ptrs
 
 
 @triton.jit
-def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
-               TRANS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, TRANS: tl.constexpr, MASK_ROWS: tl.constexpr,
+               MASK_COLS: tl.constexpr, VAR: tl.constexpr):
     """The bias at ``ptrs + shift`` (from ``_bias_ptrs``), for query rows ``offs_m`` and keys
     ``offs_n`` (1-D, already shifted), as a [M, N] tile, or [N, M] when ``TRANS`` (the dK/dV
     pass). A bias without a row dimension is one vector per key block. A [N, M] tile is read
@@ -146,8 +324,8 @@ def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.con
     dQ's [M, N] tile through shared memory (cp.async) but loads this one synchronously.
     Rows / columns are bounds-checked only when asked: the callers clamp the indices that do
     not move (a clamped row or key is never used)."""
-    if HAS_BIAS:
-        if BIAS_ROW:
+    if VAR.HAS_BIAS:
+        if VAR.BIAS_ROW:
             if TRANS:
                 bias = _load_tile(ptrs + shift, offs_n[:, None], seqlen_k, offs_m[None, :], seqlen_q, MASK_COLS, MASK_ROWS)
             else:
@@ -167,78 +345,123 @@ def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _score(
-    qk,
-    bias,
-    offs_m,
-    offs_n,
-    seqlen_q,
-    seqlen_k,
-    qk_scale,
-    slope,
-    kpm_ptr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr,
-    MASK_N: tl.constexpr,
-):
-    """Scores in log2 units, -inf where a key is not visible.
+def _key_keep(ctx, cols, seqlen_k, VAR: tl.constexpr):
+    """Keys that the key padding mask keeps, in the orientation of ``cols`` (key indices as
+    [1, N] or [N, 1]); True without a mask."""
+    if VAR.HAS_KPM:
+        keep = tl.load(ctx.kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
+    else:
+        keep = True
+    return keep
 
-    ``offs_m`` and ``offs_n`` broadcast against ``qk``: ([M, 1], [1, N]) for a [M, N] tile
-    or ([1, M], [N, 1]) for the transposed tile of the dK/dV pass; ``bias`` comes from
-    ``_load_bias`` in the same orientation. ``slope`` is the ALiBi slope times -log2(e).
-    """
-    s = qk * qk_scale
-    if HAS_BIAS:
+
+@triton.jit
+def _visible(rows, cols, seqlen_q, seqlen_k, keep, MASK: tl.constexpr, VAR: tl.constexpr):
+    """Which (query, key) pairs of a tile a query may see, besides the bias: ``rows`` and
+    ``cols`` broadcast against the tile ([M, 1] and [1, N], or [1, M] and [N, 1] for the
+    transposed tiles of the dK/dV pass); ``keep`` from ``_key_keep`` in the same orientation.
+    ``MASK``: the tile is in a masked range of ``_key_range``/``_query_range`` (causal
+    diagonal, past seqlen_k); elsewhere only the key padding mask applies. True when nothing
+    is masked (then ``_score`` and ``_probs_ds`` apply no mask)."""
+    if MASK:
+        vis = cols < seqlen_k
+        if VAR.CAUSAL:
+            vis = vis & (cols <= rows + (seqlen_k - seqlen_q))
+        if VAR.HAS_KPM:
+            vis = vis & keep
+    else:
+        vis = keep
+    return vis
+
+
+@triton.jit
+def _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK: tl.constexpr, VAR: tl.constexpr):
+    """Scores in log2 units from ``qk`` (q . k), the bias tile (``_load_bias``, same
+    orientation) and ALiBi; -inf where ``vis`` (``_visible``) is False. A non-finite ``qk``
+    at an invisible pair is -inf too (tl.where selects, NaN never leaks)."""
+    s = qk * ctx.qk_scale
+    if VAR.HAS_BIAS:
         # Entries <= bias.MASKED_BIAS (finfo.min-style masks) overflow to -inf here, as the
         # reference masks them; no per-element test needed.
         s += bias.to(tl.float32) * LOG2E
-    if HAS_ALIBI:
-        dist = tl.abs(offs_m + (seqlen_k - seqlen_q) - offs_n).to(tl.float32)
-        s += slope * dist
-    if HAS_KPM:
-        keep = tl.load(kpm_ptr + offs_n, mask=offs_n < seqlen_k, other=0)
-        s = tl.where(keep != 0, s, float("-inf"))
-    if MASK_CAUSAL:
-        s = tl.where(offs_n <= offs_m + (seqlen_k - seqlen_q), s, float("-inf"))
-    if MASK_N:
-        s = tl.where(offs_n < seqlen_k, s, float("-inf"))
+    if VAR.HAS_ALIBI:
+        dist = tl.abs(rows + (seqlen_k - seqlen_q) - cols).to(tl.float32)
+        s += ctx.slope * dist
+    if MASK or VAR.HAS_KPM:
+        s = tl.where(vis, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _causal_split(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Key range of a query block: ``[0, split)`` needs no mask, ``[split, hi)`` does.
-
-    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
-    ``split`` is a multiple of BLOCK_N; the partial last key block is always in the
-    masked range.
-    """
-    full_n = (seqlen_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        diag = start_m * BLOCK_M + seqlen_k - seqlen_q
-        hi = tl.minimum(tl.maximum(diag + BLOCK_M, 0), seqlen_k)
-        split = tl.minimum((tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N, full_n)
-        split = tl.minimum(split, hi)
+def _load_keys(slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK: tl.constexpr, VAR: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] K or V tile, with the keys that the padding mask drops (and, in a
+    masked range, the keys past seqlen_k) read as 0: their values (NaN in an uninitialised
+    cache) must never reach a matmul, where 0 * NaN = NaN. Masked in the load, not with a
+    tl.where on the tile: changing a wgmma operand in registers made ptxas serialise wgmma."""
+    if VAR.HAS_KPM:
+        ptr, rc = slc
+        rows, cols = offs_n[:, None], offs_d[None, :]
+        mask = _key_keep(ctx, rows, seqlen_k, VAR)
+        if not VAR.EVEN_D:
+            mask = mask & (cols < head_dim)
+        x = tl.load(ptr + _ptr_offset(rows, cols, rc, VAR.WIDE), mask=mask, other=0.0)
     else:
-        hi = seqlen_k
-        split = full_n
-    return split, hi
+        x = _load_rows(slc, offs_n, seqlen_k, offs_d, head_dim, MASK, VAR)
+    return x
+
+
+@triton.jit
+def _finite_rows(x):
+    """A [N, D] tile with its non-finite entries zeroed, and which rows had one ([N])."""
+    fin = tl.abs(x.to(tl.float32)) < float("inf")
+    bad = tl.max(tl.where(fin, 0, 1), 1) != 0
+    return tl.where(fin, x, 0.0), bad
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, offs_m, stride_m, seqlen_q, MASK_ROWS: tl.constexpr):
+    """LSE (in log2 units) and delta of a block of query rows. A row with no visible key
+    (lse = -inf) and a row past seqlen_q both get +inf, so that P = exp2(s - lse) = 0.
+    Rows are bounds-checked unless ``MASK_ROWS`` is False (every row is < seqlen_q)."""
+    if MASK_ROWS:
+        lse = tl.load(lse_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=float("-inf"))
+        delta = tl.load(delta_ptr + offs_m * stride_m, mask=offs_m < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + offs_m * stride_m)
+        delta = tl.load(delta_ptr + offs_m * stride_m)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return lse, delta
+
+
+@triton.jit
+def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK: tl.constexpr,
+              VAR: tl.constexpr):
+    """P and dS = P * (dP - delta) of one tile, P recomputed from the LSE (log2 units), in
+    either orientation: (a, b, da, db) = (q, k, do, v) gives [M, N] tiles (rows/cols/lse/delta
+    as [M, 1]/[1, N]); (k, q, v, do) gives the [N, M] tiles of the dK/dV pass ([1, M]/[N, 1]).
+    In masked tiles dS is zeroed where invisible: there P = 0, but dP can be NaN when an
+    invisible key holds NaN, and 0 * NaN would leak."""
+    qk = _dot(a, tl.trans(b), None, VAR)
+    s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK, VAR)
+    p = tl.math.exp2(s - lse)
+    dp = _dot(da, tl.trans(db), None, VAR)
+    ds = p * (dp - delta)
+    if MASK:
+        ds = tl.where(vis, ds, 0.0)
+    return p, ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch metadata
 
 
 @dataclass
 class LaunchMeta:
-    """Optional inputs turned into kernel arguments: tensors (or None), stride tuples and the
-    boolean constexprs that select the kernel variant."""
+    """What the launchers pass every kernel besides q/k/v-like tensors: the variant and the
+    score's runtime arguments."""
 
-    bias: torch.Tensor | None
-    stride_bias: tuple
-    slopes: torch.Tensor | None
-    stride_slopes: tuple
-    kpm: torch.Tensor | None
-    stride_kpm: tuple
-    constexprs: dict
+    variant: Variant
+    score: ScoreArgs
 
 
 def needs_wide(pb, tensors, bias) -> bool:
@@ -259,43 +482,47 @@ def needs_wide(pb, tensors, bias) -> bool:
     return False
 
 
-def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, tensors) -> LaunchMeta:
+def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, tensors) -> LaunchMeta:
     """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
     (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8; ``tensors``
     every q/k/v-like tensor the kernels index (for ``needs_wide``)."""
     if pb.varlen is not None and bias is not None:
         # The public API refuses this too; the kernels have no per-sequence bias offsets.
         raise ValueError("an additive bias is not supported with variable-length (packed) batches")
-    head_dim = pb.head_dim
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, triton.next_power_of_2(pb.head_dim))
     stride_bias = (0, 0, 0, 0)
-    bias_row = False
     if bias is not None:
         stride_bias = tuple(st if sz > 1 else 0 for st, sz in zip(bias.stride(), bias.shape))
-        bias_row = stride_bias[2] != 0
     stride_slopes = (0, 0)
     if alibi_slopes is not None:
         stride_slopes = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
-    stride_kpm = (key_padding_mask.stride(0),) if key_padding_mask is not None else (0,)
-    return LaunchMeta(
-        bias=bias,
-        stride_bias=stride_bias,
-        slopes=alibi_slopes,
-        stride_slopes=stride_slopes,
-        kpm=key_padding_mask,
-        stride_kpm=stride_kpm,
-        constexprs=dict(
-            BLOCK_D=block_d,
-            EVEN_D=head_dim == block_d,
-            CAUSAL=bool(causal),
-            HAS_BIAS=bias is not None,
-            BIAS_ROW=bias_row,
-            HAS_ALIBI=alibi_slopes is not None,
-            HAS_KPM=key_padding_mask is not None,
-            INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
-            WIDE=needs_wide(pb, tensors, bias),
-        ),
+    variant = Variant(
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        BIAS_ROW=stride_bias[2] != 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_KPM=key_padding_mask is not None,
+        MASK_BOTH_EDGES=False,
+        IS_VARLEN=pb.varlen is not None,
+        BLOCK_D=block_d,
+        EVEN_D=pb.head_dim == block_d,
+        WIDE=needs_wide(pb, tensors, bias),
+        INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
     )
+    score = ScoreArgs(
+        qk_scale=softmax_scale * 1.4426950408889634,
+        bias=q if bias is None else bias,
+        stride_bias_b=stride_bias[0],
+        stride_bias_h=stride_bias[1],
+        stride_bias_m=stride_bias[2],
+        stride_bias_n=stride_bias[3],
+        slopes=q if alibi_slopes is None else alibi_slopes,
+        stride_slopes_b=stride_slopes[0],
+        stride_slopes_h=stride_slopes[1],
+        kpm=q if key_padding_mask is None else key_padding_mask,
+        stride_kpm_b=key_padding_mask.stride(0) if key_padding_mask is not None else 0,
+    )
+    return LaunchMeta(variant, score)
 
 
 class Varlen(NamedTuple):
@@ -333,10 +560,23 @@ class Problem:
         lse = torch.empty((self.nheads, self.total_q), device=device, dtype=torch.float32)
         return lse, (0,) + lse.stride()
 
+    def operands(self, **tensors):
+        """Kernel arguments for q/k/v-like tensors: each tensor by its kernel name and its 4-D
+        strides as ``stride_<name lowercased>``."""
+        args = dict(tensors)
+        for name, x in tensors.items():
+            args[f"stride_{name.lower()}"] = self.strides(x)
+        return args
+
+    def sizes(self):
+        """Size arguments every attention kernel takes."""
+        return dict(batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, head_dim=self.head_dim,
+                    kv_group=self.nheads // self.nheads_k)
+
     def varlen_args(self):
         if self.varlen is None:
-            return dict(CuSeqQ=None, CuSeqK=None, IS_VARLEN=False)
-        return dict(CuSeqQ=self.varlen.cu_seqlens_q, CuSeqK=self.varlen.cu_seqlens_k, IS_VARLEN=True)
+            return dict(CuSeqQ=None, CuSeqK=None)
+        return dict(CuSeqQ=self.varlen.cu_seqlens_q, CuSeqK=self.varlen.cu_seqlens_k)
 
 
 def problem(q, k, varlen: Varlen | None = None) -> Problem:

@@ -1,23 +1,31 @@
 """Tile, warp and pipeline choices per kernel.
 
-Autotune keys are coarse and explicit (head-dim tile, causal, bias kind, dtype); sequence
-lengths never enter them. Under the interpreter (CPU tier) one small config is pinned: it
-gives the same answers and keeps the tier fast. ``TRITONFLASH_AUTOTUNE=0`` pins the first
-(default) config on GPU too, so that tests compile each kernel variant once.
+By default every launch takes its tile from a fixed table (``tiles.py``, written by
+``benchmarks/tune_tiles.py`` from autotuning runs on each GPU arch) or, for a case the table
+lacks, the first candidate that fits: no timing, so two processes (or two ranks) run the same
+tiles and get the same bits. ``TRITONFLASH_AUTOTUNE=1`` autotunes instead (opt-in: the pick
+depends on timing noise, and tiles sum in different orders). Autotune keys are coarse and
+explicit (the variant, a length class, dtypes); sequence lengths never enter them. Under the
+interpreter (CPU tier) one small config is pinned: it gives the same answers and keeps the
+tier fast.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 
+from .tiles import TILES
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "1") == "1" and not INTERPRET
+AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "0") == "1" and not INTERPRET
 
 # The autotuner also appends the dtype of every tensor argument to the key. ``tune_bucket``
 # is a coarse length class (see seq_bucket): a tile tuned at 1k is not always best at 16k.
-FWD_KEY = ["BLOCK_D", "CAUSAL", "HAS_BIAS", "BIAS_ROW", "HAS_ALIBI", "HAS_KPM", "tune_bucket"]
+FWD_KEY = ["VAR", "tune_bucket"]
 BWD_KEY = FWD_KEY + ["DBIAS_COLS"]
 DBIAS_KEY = FWD_KEY + ["SUM_KEYS"]
 
@@ -91,56 +99,77 @@ def _smem_bytes(cfg, block_d, streamed_m, streamed_n, resident_m, resident_n, st
     return 2 * (block_d * (streamed + resident) + staged_mn * m * n) + bias_bytes * m * n * max(cfg.num_stages, 1)
 
 
-def _prune(configs, args, bias_streamed=True, **tiles):
-    block_d = args["BLOCK_D"]
-    bias = args.get("Bias")
-    if bias_streamed and args.get("BIAS_ROW") and bias is not None:
-        tiles["bias_bytes"] = bias.element_size()
+# What each kernel keeps in shared memory (see _smem_bytes).
+SMEM_TILES = {
+    # The forward keeps Q and streams K and V.
+    "fwd": dict(streamed_m=0, streamed_n=2, resident_m=1, resident_n=0),
+    # dK/dV keeps K and V and streams Q and dO.
+    "dkdv": dict(streamed_m=2, streamed_n=0, resident_m=0, resident_n=2),
+    # dQ keeps Q and dO and streams K and V.
+    "dq": dict(streamed_m=0, streamed_n=2, resident_m=2, resident_n=0, staged_mn=2),
+    # dbias streams all four; its bias tile is loaded once per key block, outside the
+    # pipelined loop over summed slices.
+    "dbias": dict(streamed_m=2, streamed_n=2, resident_m=0, resident_n=0),
+}
+SMEM_BUDGET = 200_000
+
+
+def smem_estimate(which, cfg, args) -> int:
+    """Estimated shared memory of kernel ``which`` with tile ``cfg`` for launch ``args``."""
+    var = args["VAR"]
+    tiles = dict(SMEM_TILES[which])
+    if which != "dbias" and var.BIAS_ROW:
+        tiles["bias_bytes"] = args["score"].bias.element_size()
+    return _smem_bytes(cfg, var.BLOCK_D, **tiles)
+
+
+def _prune(which, configs, args):
     # Reason: above ~220 KB a config fails with OutOfResources on sm90 (232448 bytes per block),
     # and tiles larger than 64x64 at head dim 256 spill registers.
-    kept = [c for c in configs if _smem_bytes(c, block_d, **tiles) <= 200_000]
-    if block_d >= 256:
+    kept = [c for c in configs if smem_estimate(which, c, args) <= SMEM_BUDGET]
+    if args["VAR"].BLOCK_D >= 256:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return kept or [_cfg(32, 32, 4, 1)]
 
 
 def prune_fwd(configs, nargs, **kwargs):
-    # The forward keeps Q and streams K and V.
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=1, resident_n=0)
+    return _prune("fwd", configs, {**nargs, **kwargs})
 
 
 def prune_bwd_dkdv(configs, nargs, **kwargs):
-    # dK/dV keeps K and V and streams Q and dO.
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=0, resident_m=0, resident_n=2)
+    return _prune("dkdv", configs, {**nargs, **kwargs})
 
 
 def prune_bwd_dq(configs, nargs, **kwargs):
-    # dQ keeps Q and dO and streams K and V.
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=0, streamed_n=2, resident_m=2, resident_n=0, staged_mn=2)
+    return _prune("dq", configs, {**nargs, **kwargs})
 
 
 def prune_bwd_dbias(configs, nargs, **kwargs):
-    # Its bias tile is loaded once per key block, outside the pipelined loop over summed slices.
-    return _prune(configs, {**nargs, **kwargs}, streamed_m=2, streamed_n=2, resident_m=0, resident_n=0, bias_streamed=False)
+    return _prune("dbias", configs, {**nargs, **kwargs})
 
 
-# EVEN_M / EVEN_N are not autotune keys: the pick cached for a (head dim, bias, length
-# bucket) key was timed with whatever divisibility the first seqlen of that bucket had, and is
-# reused (correctly, only perhaps not optimally) for the other seqlens of the bucket.
-def _fills(args, seqlen, block):
-    # Packed varlen rows never count as full: their sequences start anywhere in a block.
-    return not args.get("IS_VARLEN", False) and args[seqlen] % args[block] == 0
-
-
+# EVEN_M is not an autotune key: the pick cached for a (variant, length bucket) key was timed
+# with whatever divisibility the first seqlen of that bucket had, and is reused (correctly,
+# only perhaps not optimally) for the other seqlens of the bucket.
 def even_m(args):
-    """Every query block is full (seqlen_q a multiple of BLOCK_M). The bias-gradient pass gets
-    no IS_VARLEN, and never runs on packed rows: launch_meta refuses a bias with varlen."""
-    return _fills(args, "seqlen_q", "BLOCK_M")
+    """Every query block is full (seqlen_q a multiple of BLOCK_M). Packed varlen rows never
+    count as full: their sequences start anywhere in a block."""
+    return not args["VAR"].IS_VARLEN and args["seqlen_q"] % args["BLOCK_M"] == 0
 
 
-def even_n(args):
-    """Every key block is full (seqlen_k a multiple of BLOCK_N)."""
-    return _fills(args, "seqlen_k", "BLOCK_N")
+@functools.cache
+def device_arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+def tile_key(args) -> tuple:
+    """The ``TILES`` key of a launch: head-dim tile, causal, bias kind, ALiBi, length class,
+    and the kernel's own switch (DBIAS_COLS for dK/dV, SUM_KEYS for dbias), else None."""
+    var = args["VAR"]
+    bias = "row" if var.BIAS_ROW else ("vec" if var.HAS_BIAS else "none")
+    extra = args.get("DBIAS_COLS", args.get("SUM_KEYS"))
+    return (var.BLOCK_D, var.CAUSAL, bias, var.HAS_ALIBI, args["tune_bucket"], extra)
 
 
 class Launcher:
@@ -150,6 +179,7 @@ class Launcher:
     tile (triton.heuristics): variants that depend on the config, not tuning keys."""
 
     def __init__(self, kernel, candidates, key, prune, heuristics=None):
+        self.name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         if heuristics:
             kernel = triton.heuristics(heuristics)(kernel)
         self.kernel = kernel
@@ -160,17 +190,34 @@ class Launcher:
             self.tuned = triton.autotune(configs=candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
         # Tests set this to run one given candidate (every config must give the same answer).
         self.forced = None
+        # Autotuned picks by tile_key, while autotuning.
+        self.picks = {}
 
     def config(self, kwargs):
+        """The tile of a launch without autotuning: forced, the interpreter's, the table's
+        entry for this GPU arch if it survives the prune for these arguments, else the first
+        candidate that does."""
         if self.forced is not None:
             return self.forced
         if INTERPRET:
             return INTERPRET_CONFIG
-        return self.prune(self.candidates, {}, **kwargs)[0]
+        kept = self.prune(self.candidates, {}, **kwargs)
+        q = kwargs["Q"]
+        table = TILES.get(device_arch(q.device.index or 0), {}).get(self.name, {}) if q.is_cuda else {}
+        want = table.get(tile_key(kwargs))
+        if want is not None:
+            for cfg in kept:
+                if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == tuple(want):
+                    return cfg
+        return kept[0]
 
     def __call__(self, grid, **kwargs):
         if self.tuned is not None and self.forced is None:
-            return self.tuned[grid](**kwargs)
+            result = self.tuned[grid](**kwargs)
+            cfg = self.tuned.best_config
+            # What benchmarks/tune_tiles.py writes into the table.
+            self.picks[tile_key(kwargs)] = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+            return result
         cfg = self.config(kwargs)
         meta = {**kwargs, **cfg.kwargs}
         return self.kernel[grid(meta)](**kwargs, **cfg.all_kwargs())
