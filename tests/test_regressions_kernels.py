@@ -159,3 +159,62 @@ def test_fwd_bwd_bitwise_equal_across_processes():
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1], f"processes disagree: {runs}"
+
+
+@pytest.mark.parametrize("hidden_by", ["padding", "causal"])
+def test_reference_hidden_keys_never_contribute(hidden_by):
+    """The oracle (and CPU path) follows the same rule as the kernels: a NaN/inf in a key that
+    a row cannot see changes nothing for that row, gradients included; otherwise the answer
+    would depend on the device."""
+    b, sq, sk, h, d = 2, 9, 13, 2, 8
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for s in (sq, sk, sk))
+    kpm = torch.ones(b, sk, dtype=torch.bool)
+    if hidden_by == "padding":
+        kpm[:, -4:] = False
+        hidden = ~kpm
+    else:
+        hidden = torch.zeros(b, sk, dtype=torch.bool)
+        hidden[:, -1] = True  # seen by the last query row only
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[hidden] = float("nan")
+    v_bad[hidden] = float("inf")
+    causal = hidden_by == "causal"
+    rows = slice(0, sq - 1) if causal else slice(None)
+    dout = torch.randn(b, sq, h, d, dtype=torch.float64)
+    dout[:, sq - 1] = 0
+    results = []
+    for kk, vv in ((k, v), (k_bad, v_bad)):
+        qq = q.clone().requires_grad_()
+        out = attention_ref(qq, kk, vv, causal=causal, key_padding_mask=kpm)
+        (dq,) = torch.autograd.grad(out, (qq,), dout)
+        results.append((out[:, rows], dq[:, rows]))
+    for name, clean, bad in zip(("out", "dq"), *results):
+        assert torch.equal(clean, bad), f"{name} changed by values in keys the rows cannot see"
+    if causal:
+        out_bad = attention_ref(q, k_bad, v_bad, causal=True)
+        assert torch.isnan(out_bad[:, -1]).all(), "the row that sees the non-finite key should be NaN"
+
+
+@pytest.mark.parametrize("impl", ["torch", "flash", "triton"])
+def test_layers_padded_cache_never_contributes(impl):
+    """Every layer backend: NaN in the padded rows of a KV cache (key_padding_mask False there)
+    leaves the output as finite values give."""
+    from tritonflash.layers import ATTN_FNS
+
+    if impl == "triton" and not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend needs CUDA or the interpreter")
+    b, s_new, s_past, h, d = 2, 3, 29, 2, 16
+    dtype = torch.bfloat16
+    query = torch.randn(b, s_new, h * d, dtype=dtype, device=DEVICE)
+    key = torch.randn(b, s_new, h * d, dtype=dtype, device=DEVICE)
+    value = torch.randn(b, s_new, h * d, dtype=dtype, device=DEVICE)
+    cache = [torch.randn(b, s_past, h, d, dtype=dtype, device=DEVICE) for _ in range(2)]
+    kpm = torch.ones(b, s_past + s_new, dtype=torch.bool, device=DEVICE)
+    kpm[0, 20:s_past] = False
+    bad_cache = [c.clone() for c in cache]
+    for c in bad_cache:
+        c[0, 20:] = float("nan")
+    outs = [ATTN_FNS[impl](query, key, value, h, h, past_key_value=tuple(pkv), key_padding_mask=kpm, is_causal=True)[0]
+            for pkv in (cache, bad_cache)]
+    assert torch.isfinite(outs[1]).all(), f"{impl}: NaN from padded cache rows reached the output"
+    assert torch.equal(outs[0], outs[1])

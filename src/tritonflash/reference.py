@@ -8,7 +8,10 @@ live in three functions used by everything that computes attention in plain torc
   entries at or below ``MASKED_BIAS``, key padding, bottom-right causal);
 - ``attention_scores``: ``scale * q k^T`` (GQA heads mapped) plus ``score_terms``;
 - ``attention_weights``: the softmax over keys, with rows that see no key giving weights 0,
-  lse -inf and zero gradients instead of 0/0.
+  lse -inf and zero gradients instead of 0/0;
+- ``attention_values``: weights times V, where a key a row cannot see never contributes
+  (``attention_scores`` does the same for K): a NaN in a padded or causally hidden key never
+  reaches the rows that cannot see it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from .bias import alibi_slopes_to_bias, masked_bias_entries
 
-__all__ = ["attention_ref", "varlen_attention_ref", "score_terms", "attention_scores", "attention_weights", "repeat_kv"]
+__all__ = ["attention_ref", "varlen_attention_ref", "score_terms", "attention_scores", "attention_weights", "attention_values",
+           "repeat_kv"]
 
 
 def repeat_kv(x: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -75,12 +79,34 @@ def attention_scores(
     seqlen_k, nheads_k, d). ``reorder_ops`` scales k instead of q (a different rounding)."""
     seqlen_q, nheads, d = q.shape[1], q.shape[2], q.shape[3]
     k = repeat_kv(k, nheads)
+    # A key a row cannot see never affects it, whatever it holds: non-finite keys are zeroed
+    # for the product (0 * NaN would reach masked scores' gradients) and their visible scores
+    # set to NaN below.
+    k, bad_k = _finite_rows(k)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     if reorder_ops:
         scores = torch.einsum("bthd,bshd->bhts", q, k * scale)
     else:
         scores = torch.einsum("bthd,bshd->bhts", q * scale, k)
-    return score_terms(scores, seqlen_q, k.shape[1], bias, causal, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask)
+    scores = score_terms(scores, seqlen_q, k.shape[1], bias, causal, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask)
+    return scores.masked_fill((scores != float("-inf")) & bad_k.transpose(1, 2)[:, :, None, :], float("nan"))
+
+
+def _finite_rows(x: torch.Tensor):
+    """x (batch, seqlen, heads, d) with non-finite entries zeroed, and (batch, seqlen, heads)
+    True where a row had one."""
+    fin = torch.isfinite(x)
+    return x.masked_fill(~fin, 0), ~fin.all(dim=-1)
+
+
+def attention_values(weights: torch.Tensor, v: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``weights @ v`` (batch, seqlen_q, nheads, d) in v's dtype, where a key a row cannot see
+    (its score -inf) never contributes, whatever v holds there: non-finite values are zeroed,
+    and the rows that see a key with one are NaN. v (batch, seqlen_k, nheads_k, d)."""
+    v, bad_v = _finite_rows(repeat_kv(v, weights.shape[1]))
+    out = torch.einsum("bhts,bshd->bthd", weights.to(v.dtype), v)
+    sees_bad = torch.einsum("bhts,bsh->bth", (scores != float("-inf")).float(), bad_v.float()) > 0
+    return out.masked_fill(sees_bad[..., None], float("nan"))
 
 
 def attention_weights(scores: torch.Tensor, return_lse: bool = False):
@@ -127,7 +153,7 @@ def attention_ref(
     scores = attention_scores(q, k, bias, causal, softmax_scale, alibi_slopes=alibi_slopes,
                               key_padding_mask=key_padding_mask, reorder_ops=reorder_ops)
     attn, lse = attention_weights(scores, return_lse=True)
-    out = torch.einsum("bhts,bshd->bthd", attn.to(v.dtype), repeat_kv(v, q.shape[2])).to(dtype_og)
+    out = attention_values(attn, v, scores).to(dtype_og)
     return (out, lse) if return_lse else out
 
 

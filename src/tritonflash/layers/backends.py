@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..api import flash_attn_func
 from ..checks import check_alibi_slopes, check_bool, check_softmax_scale, check_tensor, type_name
-from ..reference import attention_scores, attention_weights, repeat_kv, score_terms
+from ..reference import attention_scores, attention_values, attention_weights, score_terms
 from .attn_bias import slice_attn_bias
 
 __all__ = [
@@ -196,7 +196,7 @@ def scaled_multihead_dot_product_attention(
     weights = attention_weights(scores)
     if dropout_p > 0.0 and training:
         weights = F.dropout(weights, p=dropout_p, training=True)
-    out = torch.einsum("bhts,bshd->bthd", weights, repeat_kv(v, n_heads)).flatten(2).to(query.dtype)
+    out = attention_values(weights, v, scores).flatten(2).to(query.dtype)
     return out, (weights.to(query.dtype) if needs_weights else None), c.past_key_value
 
 
@@ -229,6 +229,12 @@ def flash_attn_fn(
         )
         return _merge_heads(out), None, c.past_key_value
     mask = _additive_mask(c)
+    if c.key_padding_mask is not None:
+        # Padded keys never contribute, whatever they hold (an uninitialised cache): SDPA would
+        # multiply their NaN by a zero weight. (A NaN in a key hidden only by the causal mask
+        # or the bias still reaches SDPA; the 'torch' and 'triton' backends keep it out.)
+        hidden = ~c.key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
     # Rows with no visible key: a harmless mask row for SDPA, output zeroed after (as the
     # reference's attention_weights does), whichever kernel PyTorch picks.
     dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
