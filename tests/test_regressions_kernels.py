@@ -218,3 +218,17 @@ def test_layers_padded_cache_never_contributes(impl):
             for pkv in (cache, bad_cache)]
     assert torch.isfinite(outs[1]).all(), f"{impl}: NaN from padded cache rows reached the output"
     assert torch.equal(outs[0], outs[1])
+
+
+def test_alibi_slopes_checked_once_per_tensor_version():
+    """The finite-slopes check reads the slopes on the host; once per call it stalled the GPU
+    launch queue (ALiBi 1k forward 0.22 -> 0.40 ms on an H200). It runs once per tensor and
+    version, and again after an in-place change."""
+    from tritonflash.checks import _slopes_unchecked, check_alibi_slopes
+
+    slopes = torch.full((3,), 0.5)
+    check_alibi_slopes(slopes, 2, 3, slopes.device)
+    assert not _slopes_unchecked(slopes)
+    slopes[1] = float("nan")
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        check_alibi_slopes(slopes, 2, 3, slopes.device)

@@ -103,11 +103,15 @@ def host_sync_allowed(x: torch.Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _slopes_unchecked(alibi_slopes) -> bool:
+    return getattr(alibi_slopes, "_tritonflash_finite_version", None) != alibi_slopes._version
+
+
 def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -> torch.Tensor:
     """Validate ALiBi slopes: a float32 tensor of shape (nheads,) or (batch, nheads) on ``device``,
     not requiring grad, every entry finite. Returns the (1 or batch, nheads) view the kernels
-    index. The finiteness check reads the slopes on the host (one device-to-host copy); it is
-    skipped while a CUDA graph is captured and under torch.compile tracing (host_sync_allowed),
+    index. The finiteness check reads the slopes on the host (one device-to-host copy), once per
+    tensor object and version (in-place changes are checked again); it is skipped while a CUDA graph is captured and under torch.compile tracing (host_sync_allowed),
     and with ``check_finite=False`` by a caller that hands the slopes to a checking function."""
     check_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
@@ -121,11 +125,15 @@ def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -
             "alibi_slopes must not require grad: the kernels treat slopes as constants and return no gradient "
             "for them; pass alibi_slopes.detach(), or a bias tensor if the ALiBi term must be learned"
         )
-    if check_finite and host_sync_allowed(alibi_slopes):
+    if check_finite and _slopes_unchecked(alibi_slopes) and host_sync_allowed(alibi_slopes):
         bad = ~torch.isfinite(alibi_slopes)
         if bad.any():
             index = tuple(bad.nonzero()[0].tolist())
             raise ValueError(f"alibi_slopes must be finite, got {alibi_slopes[index].item()} at index {index}")
+        # Checked once per tensor and version: a model passes the same slopes every call, and a
+        # device-to-host copy per call stalls the launch queue (ALiBi at 1k: 0.22 -> 0.40 ms a
+        # forward on an H200). An in-place change bumps the version and is checked again.
+        alibi_slopes._tritonflash_finite_version = alibi_slopes._version
     return alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
 
 
