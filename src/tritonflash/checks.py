@@ -112,7 +112,8 @@ def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -
     not requiring grad, every entry finite. Returns the (1 or batch, nheads) view the kernels
     index. The finiteness check reads the slopes on the host (one device-to-host copy), once per
     tensor object and version (in-place changes are checked again); it is skipped while a CUDA
-    graph is captured and under torch.compile tracing (host_sync_allowed), and with ``check_finite=False`` by a caller that hands the slopes to a checking function."""
+    graph is captured and under torch.compile tracing (host_sync_allowed), and with
+    ``check_finite=False`` by a caller that hands the slopes to a checking function."""
     check_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
