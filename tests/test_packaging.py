@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,13 @@ def test_no_check_without_the_interpreter(monkeypatch):
     _env.check_interpreter_numpy()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _env.check_interpreter_numpy()
+
+
+def test_import_under_interpreter_names_the_numpy_fix():
+    """``import tritonflash`` with TRITON_INTERPRET=1 and numpy >= 2.4 raises ImportError
+    naming the fix, instead of every launch failing deep inside Triton's interpreter."""
+    code = "import numpy; numpy.__version__ = '2.4.1'; import tritonflash"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "numpy<2.4" in proc.stderr, proc.stderr[-2000:]
