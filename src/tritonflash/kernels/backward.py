@@ -67,7 +67,7 @@ def _attn_bwd_preprocess(
     batch, nheads, seqlen_q, head_dim,
     BLOCK_M: tl.constexpr, VAR: tl.constexpr,
 ):
-    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_q, CuSeqQ, CuSeqQ, False, VAR)
+    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_q, CuSeqQ, CuSeqQ, REVERSE=False, VAR=VAR)
     start_m = sp.block * BLOCK_M
     if VAR.IS_VARLEN:
         if start_m >= sp.seqlen_q:
@@ -75,8 +75,8 @@ def _attn_bwd_preprocess(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     BLOCK_D: tl.constexpr = VAR.BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(_slice(Out, stride_out, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, True, VAR)
-    do = _load_rows(_slice(DOut, stride_dout, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, True, VAR)
+    o = _load_rows(_slice(Out, stride_out, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
+    do = _load_rows(_slice(DOut, stride_dout, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
     tl.store(_stat_ptr(Delta, stride_delta, sp.off_b, sp.off_h, sp.start_q) + offs_m * stride_delta[2], delta, mask=offs_m < sp.seqlen_q)
 
@@ -94,17 +94,18 @@ def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n
     lse_ptr, delta_ptr, stride_stat = stats
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
-    bias_ptrs = _bias_ptrs(ctx, offs_m0, tl.minimum(offs_n, seqlen_k - 1), True, VAR)
+    bias_ptrs = _bias_ptrs(ctx, offs_m0, tl.minimum(offs_n, seqlen_k - 1), TRANS=True, VAR=VAR)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        bias = _load_bias(bias_ptrs, _shift(start_m, ctx.stride_bias_m), offs_m, offs_n, seqlen_q, seqlen_k, True, not EVEN_M, False, VAR)
-        q = _load_rows(q_slc, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, VAR)  # [BLOCK_M, BLOCK_D]
-        do = _load_rows(do_slc, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, VAR)  # [BLOCK_M, BLOCK_D]
-        lse, delta = _row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q, not EVEN_M)
+        bias = _load_bias(bias_ptrs, _shift(start_m, ctx.stride_bias_m), offs_m, offs_n, seqlen_q, seqlen_k,
+                          TRANS=True, MASK_ROWS=not EVEN_M, MASK_COLS=False, VAR=VAR)
+        q = _load_rows(q_slc, offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=not EVEN_M, VAR=VAR)  # [BLOCK_M, BLOCK_D]
+        do = _load_rows(do_slc, offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=not EVEN_M, VAR=VAR)  # [BLOCK_M, BLOCK_D]
+        lse, delta = _row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q, MASK_ROWS=not EVEN_M)
         rows, cols = offs_m[None, :], offs_n[:, None]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, keep, MASK, VAR)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, keep, MASK=MASK, VAR=VAR)
         p_t, ds_t = _probs_ds(k, q, v, do, bias, lse[None, :], delta[None, :], rows, cols, seqlen_q, seqlen_k, vis, ctx,
-                              MASK, VAR)  # [BLOCK_N, BLOCK_M]
+                              MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_M]
         dv = _dot(_cast(p_t, do.dtype, VAR.INTERP_BF16), do, dv, VAR)
         dk = _dot(_cast(ds_t, q.dtype, VAR.INTERP_BF16), q, dk, VAR)
         if DBIAS_COLS:
@@ -121,7 +122,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DBIAS_COLS: tl.constexpr, VAR: tl.constexpr, EVEN_M: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
-    sp = _span(tl.cdiv(seqlen_k, BLOCK_N), batch, nheads_k, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, False, VAR)
+    sp = _span(tl.cdiv(seqlen_k, BLOCK_N), batch, nheads_k, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, REVERSE=False, VAR=VAR)
     start_n = sp.block * BLOCK_N
     if VAR.IS_VARLEN:
         if start_n >= sp.seqlen_k:
@@ -134,13 +135,13 @@ def _attn_bwd_dkdv(
     ctx_b = _score_ctx(score, sp.off_b, sp.off_h * kv_group, VAR)
     k_slc = _slice(K, stride_k, sp.off_b, sp.start_k, sp.off_h)
     v_slc = _slice(V, stride_v, sp.off_b, sp.start_k, sp.off_h)
-    k = _load_keys(k_slc, offs_n, seqlen_k, offs_d, head_dim, ctx_b, True, VAR)  # [BLOCK_N, BLOCK_D]
-    v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx_b, True, VAR)  # [BLOCK_N, BLOCK_D]
+    k = _load_keys(k_slc, offs_n, seqlen_k, offs_d, head_dim, ctx_b, MASK=True, VAR=VAR)  # [BLOCK_N, BLOCK_D]
+    v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx_b, MASK=True, VAR=VAR)  # [BLOCK_N, BLOCK_D]
     keep = _key_keep(ctx_b, offs_n[:, None], seqlen_k, VAR)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR)
+    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
     for g in range(0, kv_group):
         off_h = sp.off_h * kv_group + g
         ctx = _score_ctx(score, sp.off_b, off_h, VAR)
@@ -149,12 +150,12 @@ def _attn_bwd_dkdv(
                  stride_stat[2])
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, lo, full_lo,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, True, DBIAS_COLS, EVEN_M, VAR)
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, full_lo, full_hi,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, False, DBIAS_COLS, EVEN_M, VAR)
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=False, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
         if VAR.MASK_BOTH_EDGES:
             dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, full_hi, hi,
-                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, True, DBIAS_COLS, EVEN_M, VAR)
+                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
         if DBIAS_COLS:
             dbias_ptr = DBias + sp.off_b * stride_dbias[0] + off_h * stride_dbias[1]
             tl.store(dbias_ptr + offs_n * stride_dbias[3], dbias_cols, mask=offs_n < seqlen_k)
@@ -170,18 +171,19 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, lo, hi, s
     k_slc, v_slc = kv
     offs_n0 = tl.arange(0, BLOCK_N)
     # As in the forward: rows clamped, the bias tile pipelined by the compiler.
-    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), offs_n0, False, VAR)
+    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), offs_n0, TRANS=False, VAR=VAR)
     # Masked ranges are not software-pipelined: their operand fix-ups (below) in a pipelined
     # loop made ptxas serialise wgmma (C7515); they are one or two blocks per program.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK else None):
         offs_n = start_n + offs_n0
-        bias = _load_bias(bias_ptrs, _shift(start_n, ctx.stride_bias_n), offs_m, offs_n, seqlen_q, seqlen_k, False, False, MASK, VAR)
-        k = _load_keys(k_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK, VAR)  # [BLOCK_N, BLOCK_D]
-        v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK, VAR)  # [BLOCK_N, BLOCK_D]
+        bias = _load_bias(bias_ptrs, _shift(start_n, ctx.stride_bias_n), offs_m, offs_n, seqlen_q, seqlen_k,
+                          TRANS=False, MASK_ROWS=False, MASK_COLS=MASK, VAR=VAR)
+        k = _load_keys(k_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
+        v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
         rows, cols = offs_m[:, None], offs_n[None, :]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK, VAR)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
         _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, ctx,
-                          MASK, VAR)  # [BLOCK_M, BLOCK_N]
+                          MASK=MASK, VAR=VAR)  # [BLOCK_M, BLOCK_N]
         if MASK:
             # An invisible key has dS = 0, but 0 * NaN = NaN inside the matmul; a visible
             # non-finite key already made its dS NaN.
@@ -199,7 +201,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
-    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, VAR.CAUSAL, VAR)
+    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, REVERSE=VAR.CAUSAL, VAR=VAR)
     start_m = sp.block * BLOCK_M
     if VAR.IS_VARLEN:
         if start_m >= sp.seqlen_q:
@@ -209,22 +211,22 @@ def _attn_bwd_dq(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     BLOCK_D: tl.constexpr = VAR.BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(_slice(Q, stride_q, sp.off_b, sp.start_q, sp.off_h), offs_m, seqlen_q, offs_d, head_dim, True, VAR)
-    do = _load_rows(_slice(DOut, stride_dout, sp.off_b, sp.start_q, sp.off_h), offs_m, seqlen_q, offs_d, head_dim, True, VAR)
+    q = _load_rows(_slice(Q, stride_q, sp.off_b, sp.start_q, sp.off_h), offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
+    do = _load_rows(_slice(DOut, stride_dout, sp.off_b, sp.start_q, sp.off_h), offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
     lse, delta = _row_stats(_stat_ptr(Lse, stride_stat, sp.off_b, sp.off_h, sp.start_q),
-                            _stat_ptr(Delta, stride_stat, sp.off_b, sp.off_h, sp.start_q), offs_m, stride_stat[2], seqlen_q, True)
+                            _stat_ptr(Delta, stride_stat, sp.off_b, sp.off_h, sp.start_q), offs_m, stride_stat[2], seqlen_q, MASK_ROWS=True)
     ctx = _score_ctx(score, sp.off_b, sp.off_h, VAR)
     kv = (_slice(K, stride_k, sp.off_b, sp.start_k, off_hk), _slice(V, stride_v, sp.off_b, sp.start_k, off_hk))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
     if VAR.MASK_BOTH_EDGES:
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, lo, full_lo, seqlen_q, seqlen_k, head_dim,
-                                BLOCK_N, True, VAR)
+                                BLOCK_N, MASK=True, VAR=VAR)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, head_dim,
-                            BLOCK_N, False, VAR)
+                            BLOCK_N, MASK=False, VAR=VAR)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, full_hi, hi, seqlen_q, seqlen_k, head_dim,
-                            BLOCK_N, True, VAR)
+                            BLOCK_N, MASK=True, VAR=VAR)
     _store_rows(_slice(DQ, stride_dq, sp.off_b, sp.start_q, sp.off_h), dq * sm_scale, offs_m, seqlen_q, offs_d, head_dim, VAR)
 
 
@@ -240,21 +242,22 @@ def _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, bias_col_stride, sco
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        bias = _load_bias(bias_ptrs, _shift(start_n, bias_col_stride), offs_m, offs_n, seqlen_q, seqlen_k, False, False, MASK, VAR)
+        bias = _load_bias(bias_ptrs, _shift(start_n, bias_col_stride), offs_m, offs_n, seqlen_q, seqlen_k,
+                          TRANS=False, MASK_ROWS=False, MASK_COLS=MASK, VAR=VAR)
         for r in range(0, sums[0] * sums[1]):
             off_b = first[0] + r // sums[1]
             off_h = first[1] + r % sums[1]
             off_hk = off_h // kv_group
             ctx = _score_ctx(score, off_b, off_h, VAR)
-            q = _load_rows(_slice(Q, stride_q, off_b, 0, off_h), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, VAR)
-            do = _load_rows(_slice(DOut, stride_dout, off_b, 0, off_h), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, VAR)
-            k = _load_keys(_slice(K, stride_k, off_b, 0, off_hk), offs_n, seqlen_k, offs_d, head_dim, ctx, MASK, VAR)
-            v = _load_keys(_slice(V, stride_v, off_b, 0, off_hk), offs_n, seqlen_k, offs_d, head_dim, ctx, MASK, VAR)
+            q = _load_rows(_slice(Q, stride_q, off_b, 0, off_h), offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=not EVEN_M, VAR=VAR)
+            do = _load_rows(_slice(DOut, stride_dout, off_b, 0, off_h), offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=not EVEN_M, VAR=VAR)
+            k = _load_keys(_slice(K, stride_k, off_b, 0, off_hk), offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)
+            v = _load_keys(_slice(V, stride_v, off_b, 0, off_hk), offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)
             lse, delta = _row_stats(_stat_ptr(Lse, stride_stat, off_b, off_h, 0), _stat_ptr(Delta, stride_stat, off_b, off_h, 0),
-                                    offs_m, stride_stat[2], seqlen_q, not EVEN_M)
+                                    offs_m, stride_stat[2], seqlen_q, MASK_ROWS=not EVEN_M)
             rows, cols = offs_m[:, None], offs_n[None, :]
-            vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK, VAR)
-            _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK, VAR)
+            vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
+            _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
             acc += ds
     return acc
 
@@ -288,9 +291,9 @@ def _attn_bwd_dbias(
     BLOCK_D: tl.constexpr = VAR.BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     ctx = _score_ctx(score, first[0], first[1], VAR)
-    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), tl.arange(0, BLOCK_N), False, VAR)
+    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), tl.arange(0, BLOCK_N), TRANS=False, VAR=VAR)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
     if not SUM_KEYS:
         # This program's key block only (the range bounds are multiples of BLOCK_N but hi).
         own = pid_n * BLOCK_N
@@ -304,11 +307,11 @@ def _attn_bwd_dbias(
     sums = (sum_batch, sum_heads)
     if VAR.MASK_BOTH_EDGES:
         acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                    lo, full_lo, seqlen_q, seqlen_k, head_dim, BLOCK_N, True, EVEN_M, VAR)
+                                    lo, full_lo, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
     acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                full_lo, full_hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, False, EVEN_M, VAR)
+                                full_lo, full_hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=False, EVEN_M=EVEN_M, VAR=VAR)
     acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                full_hi, hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, True, EVEN_M, VAR)
+                                full_hi, hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
 
     dbias_ptr = DBias + first[0] * stride_dbias[0] + first[1] * stride_dbias[1]
     if SUM_KEYS:

@@ -169,7 +169,7 @@ def _load_rows(slc, offs_r, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, V
     """[len(offs_r), BLOCK_D] tile of a ``_slice``: rows ``offs_r``, the head dim."""
     ptr, rc = slc
     return _load_tile(ptr + _ptr_offset(offs_r[:, None], offs_d[None, :], rc, VAR.WIDE),
-                      offs_r[:, None], n_rows, offs_d[None, :], head_dim, MASK_ROWS, not VAR.EVEN_D)
+                      offs_r[:, None], n_rows, offs_d[None, :], head_dim, MASK_ROWS=MASK_ROWS, MASK_COLS=not VAR.EVEN_D)
 
 
 @triton.jit
@@ -327,9 +327,9 @@ def _load_bias(ptrs, shift, offs_m, offs_n, seqlen_q, seqlen_k, TRANS: tl.conste
     if VAR.HAS_BIAS:
         if VAR.BIAS_ROW:
             if TRANS:
-                bias = _load_tile(ptrs + shift, offs_n[:, None], seqlen_k, offs_m[None, :], seqlen_q, MASK_COLS, MASK_ROWS)
+                bias = _load_tile(ptrs + shift, offs_n[:, None], seqlen_k, offs_m[None, :], seqlen_q, MASK_ROWS=MASK_COLS, MASK_COLS=MASK_ROWS)
             else:
-                bias = _load_tile(ptrs + shift, offs_m[:, None], seqlen_q, offs_n[None, :], seqlen_k, MASK_ROWS, MASK_COLS)
+                bias = _load_tile(ptrs + shift, offs_m[:, None], seqlen_q, offs_n[None, :], seqlen_k, MASK_ROWS=MASK_ROWS, MASK_COLS=MASK_COLS)
         else:
             if MASK_COLS:
                 vec = tl.load(ptrs + shift, mask=offs_n < seqlen_k, other=0.0)
@@ -406,7 +406,7 @@ def _load_keys(slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK: tl.constexpr,
             mask = mask & (cols < head_dim)
         x = tl.load(ptr + _ptr_offset(rows, cols, rc, VAR.WIDE), mask=mask, other=0.0)
     else:
-        x = _load_rows(slc, offs_n, seqlen_k, offs_d, head_dim, MASK, VAR)
+        x = _load_rows(slc, offs_n, seqlen_k, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)
     return x
 
 
@@ -442,7 +442,7 @@ def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vi
     In masked tiles dS is zeroed where invisible: there P = 0, but dP can be NaN when an
     invisible key holds NaN, and 0 * NaN would leak."""
     qk = _dot(a, tl.trans(b), None, VAR)
-    s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK, VAR)
+    s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
     p = tl.math.exp2(s - lse)
     dp = _dot(da, tl.trans(db), None, VAR)
     ds = p * (dp - delta)

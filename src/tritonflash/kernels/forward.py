@@ -43,24 +43,25 @@ def _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, hi, seqlen_q,
     # Triton's pipeliner streams the bias tile through shared memory (cp.async, num_stages
     # deep) and reads it back in the MMA layout: no hand prefetch (which kept it in registers
     # and made ptxas serialise wgmma; docs/perf-notes.md, change 6).
-    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), offs_n0, False, VAR)
+    bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), offs_n0, TRANS=False, VAR=VAR)
     # Masked ranges are not software-pipelined: their operand fix-ups (below) in a pipelined
     # loop made ptxas serialise wgmma (C7515); they are one or two blocks per program.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK else None):
         offs_n = start_n + offs_n0
-        bias = _load_bias(bias_ptrs, _shift(start_n, ctx.stride_bias_n), offs_m, offs_n, seqlen_q, seqlen_k, False, False, MASK, VAR)
-        k = _load_rows(k_slc, offs_n, seqlen_k, offs_d, head_dim, MASK, VAR)  # [BLOCK_N, BLOCK_D]
+        bias = _load_bias(bias_ptrs, _shift(start_n, ctx.stride_bias_n), offs_m, offs_n, seqlen_q, seqlen_k,
+                          TRANS=False, MASK_ROWS=False, MASK_COLS=MASK, VAR=VAR)
+        k = _load_rows(k_slc, offs_n, seqlen_k, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, VAR)  # [BLOCK_M, BLOCK_N]
         rows, cols = offs_m[:, None], offs_n[None, :]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK, VAR)
-        s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK, VAR)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
+        s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
         # exp2(-inf - m) at 0 rather than NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.math.exp2(m_i - m_safe)
-        v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK, VAR)
+        v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)
         if MASK:
             # An invisible key has P = 0, but 0 * inf = NaN inside the matmul: zero the
             # non-finite values and poison only the rows that see them.
@@ -87,7 +88,7 @@ def _attn_fwd(
     are then the maxima and ``CuSeqQ``/``CuSeqK`` the cumulative lengths."""
     tl.static_assert(VAR.BLOCK_D >= 16)
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
-    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, VAR.CAUSAL, VAR)
+    sp = _span(tl.cdiv(seqlen_q, BLOCK_M), batch, nheads, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, REVERSE=VAR.CAUSAL, VAR=VAR)
     start_m = sp.block * BLOCK_M
     if VAR.IS_VARLEN:
         if start_m >= sp.seqlen_q:
@@ -98,19 +99,19 @@ def _attn_fwd(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     BLOCK_D: tl.constexpr = VAR.BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(_slice(Q, stride_q, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, True, VAR)
+    q = _load_rows(_slice(Q, stride_q, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, sp.seqlen_q, sp.seqlen_k, BLOCK_M, BLOCK_N, VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, sp.seqlen_q, sp.seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
     if VAR.MASK_BOTH_EDGES:
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, full_lo, sp.seqlen_q, sp.seqlen_k,
-                                        head_dim, BLOCK_N, True, VAR)
+                                        head_dim, BLOCK_N, MASK=True, VAR=VAR)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, full_lo, full_hi, sp.seqlen_q, sp.seqlen_k,
-                                    head_dim, BLOCK_N, False, VAR)
+                                    head_dim, BLOCK_N, MASK=False, VAR=VAR)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, full_hi, hi, sp.seqlen_q, sp.seqlen_k,
-                                    head_dim, BLOCK_N, True, VAR)
+                                    head_dim, BLOCK_N, MASK=True, VAR=VAR)
 
     # Rows that saw no key (l == 0) get output 0 and lse -inf (docs/semantics.md), never NaN.
     dead = l_i == 0.0
