@@ -33,7 +33,7 @@ demo: $(ENV_STAMP)
 # CPU tier: kernels in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
 # there is no GPU). On a GPU machine the same command runs the GPU tier.
 test: $(ENV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 gpu-test: $(ENV_STAMP)
 	$(PY) -m pytest -q -n 4 --dist loadfile -m "not slow" tests

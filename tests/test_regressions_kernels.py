@@ -26,8 +26,10 @@ def _grads(out, tensors, dout):
     return torch.autograd.grad(out, tensors, dout)
 
 
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+_PADDED_CASES = [(p, c) for p in ("nan", "inf") for c in (False, True)] if ON_GPU else [("nan", False), ("inf", True)]
+
+
+@pytest.mark.parametrize("poison,causal", _PADDED_CASES, ids=lambda v: str(v))
 def test_padded_keys_never_contribute(poison, causal):
     """A KV cache allocated with torch.empty holds NaN/inf in its padded rows, masked by
     key_padding_mask. Once every output row (V) or every dq row (K) came out NaN (0 * NaN in
@@ -40,8 +42,8 @@ def test_padded_keys_never_contribute(poison, causal):
     kpm[1, :9] = False  # left padding
     kpm[1, 30:33] = False
     k_bad, v_bad = k.clone(), v.clone()
-    k_bad[~kpm] = poison
-    v_bad[~kpm] = poison
+    k_bad[~kpm] = float(poison)
+    v_bad[~kpm] = float(poison)
     dout = torch.randn(b, sq, h, d, dtype=torch.float16, device=DEVICE)
     results = []
     for kk, vv in ((k, v), (k_bad, v_bad)):
