@@ -8,7 +8,6 @@ import torch
 from conftest import DEVICE, ON_GPU
 from helpers import FWD_FACTOR, GRAD_FACTOR, assert_close_to_ref
 from tritonflash import (
-    attention_ref,
     flash_attn_func,
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
@@ -16,6 +15,7 @@ from tritonflash import (
     pad_input,
     unpad_input,
 )
+from tritonflash.reference import varlen_attention_ref
 
 LENGTHS = {
     "mixed": ([5, 0, 1, 67, 33], [9, 3, 1, 67, 70]),
@@ -31,21 +31,7 @@ def _cu(lengths):
 
 
 def _ref(q, k, v, cu_q, cu_k, causal, slopes, upcast, reorder):
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    outs, lses = [], []
-    for i in range(len(cq) - 1):
-        qi, ki, vi = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None]
-        if qi.shape[1] == 0:
-            continue
-        if ki.shape[1] == 0:
-            outs.append(qi[0] * 0)
-            lses.append(torch.full((q.shape[1], qi.shape[1]), float("-inf"), device=q.device))
-            continue
-        s = None if slopes is None else slopes[i]
-        o, lse = attention_ref(qi, ki, vi, None, causal, None, upcast=upcast, reorder_ops=reorder, alibi_slopes=s, return_lse=True)
-        outs.append(o[0])
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=1)
+    return varlen_attention_ref(q, k, v, cu_q, cu_k, causal, alibi_slopes=slopes, return_lse=True, upcast=upcast, reorder_ops=reorder)
 
 
 def _varlen_cases():

@@ -168,8 +168,11 @@ def varlen_attention_ref(
     *,
     alibi_slopes: torch.Tensor | None = None,
     return_lse: bool = False,
+    upcast: bool = True,
+    reorder_ops: bool = False,
 ):
-    """``attention_ref`` (fp32 math) on each sequence of a packed variable-length batch: q
+    """``attention_ref`` (fp32 math unless ``upcast=False``; ``reorder_ops`` as there) on each
+    sequence of a packed variable-length batch: q
     (total_q, nheads, d), k/v (total_k, nheads_k, d), ``cu_seqlens_q/k`` (batch + 1,) cumulative
     lengths (read on the host). alibi_slopes (nheads,) or (batch, nheads). A sequence without
     keys gives out 0 and lse -inf. Returns out (total_q, nheads, d) and, with ``return_lse``,
@@ -188,7 +191,7 @@ def varlen_attention_ref(
         slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
-        o, lse = attention_ref(qi, ki, vi, None, causal, softmax_scale, alibi_slopes=slopes, return_lse=True)
+        o, lse = attention_ref(qi, ki, vi, None, causal, softmax_scale, upcast, reorder_ops, alibi_slopes=slopes, return_lse=True)
         outs.append(o[0])
         lses.append(lse[0])
     out = torch.cat(outs) if outs else torch.zeros_like(q)
