@@ -24,6 +24,7 @@ def gpu_launcher(monkeypatch):
     """The forward launcher as on an sm90 GPU without autotuning."""
     monkeypatch.setattr(configs, "INTERPRET", False)
     monkeypatch.setattr(configs, "device_arch", lambda index: "sm90")
+    monkeypatch.setattr(forward._launch_fwd, "_chosen", {})  # tiles chosen per case are cached
     return forward._launch_fwd
 
 

@@ -234,3 +234,16 @@ def test_alibi_slopes_checked_once_per_tensor_version():
     slopes[1] = float("nan")
     with pytest.raises(ValueError, match="alibi_slopes must be finite"):
         check_alibi_slopes(slopes, 2, 3, slopes.device)
+
+
+def test_alibi_slopes_under_inference_mode():
+    """Slopes made under torch.inference_mode (a generate loop) have no version counter; the
+    once-per-version check must not crash on them (it checks them every call instead)."""
+    from tritonflash.checks import check_alibi_slopes
+
+    with torch.inference_mode():
+        slopes = torch.full((3,), 0.5)
+        check_alibi_slopes(slopes, 2, 3, slopes.device)
+        bad = torch.tensor([0.5, float("inf"), 0.25])
+        with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+            check_alibi_slopes(bad, 2, 3, bad.device)

@@ -104,6 +104,9 @@ def host_sync_allowed(x: torch.Tensor) -> bool:
 
 
 def _slopes_unchecked(alibi_slopes) -> bool:
+    # Inference tensors (torch.inference_mode) have no version counter: checked every call.
+    if alibi_slopes.is_inference():
+        return True
     return getattr(alibi_slopes, "_tritonflash_finite_version", None) != alibi_slopes._version
 
 
@@ -134,7 +137,8 @@ def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -
         # Checked once per tensor and version: a model passes the same slopes every call, and a
         # device-to-host copy per call stalls the launch queue (ALiBi at 1k: 0.22 -> 0.40 ms a
         # forward on an H200). An in-place change bumps the version and is checked again.
-        alibi_slopes._tritonflash_finite_version = alibi_slopes._version
+        if not alibi_slopes.is_inference():
+            alibi_slopes._tritonflash_finite_version = alibi_slopes._version
     return alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
 
 

@@ -65,7 +65,8 @@ def pad_input(hidden: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
         raise ValueError(f"indices must be on hidden's device {hidden.device}, got {indices.device}")
     size = batch * seqlen
     if indices.numel() and host_sync_allowed(indices):
-        lo, hi = int(indices.min()), int(indices.max())
+        # One device-to-host copy (an out-of-range index would be a device-side assert).
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()
         if lo < 0 or hi >= size:
             raise ValueError(f"indices must lie in [0, batch * seqlen) = [0, {size}), got values in [{lo}, {hi}]")
     out = hidden.new_zeros((size, *hidden.shape[1:]))

@@ -1,7 +1,7 @@
 """The readable PyTorch oracle for every backend, and the CPU fallback.
 
 Follows the semantics table (docs/semantics.md) exactly; never imports Triton. The semantics
-live in three functions used by everything that computes attention in plain torch
+live in four functions used by everything that computes attention in plain torch
 (``attention_ref``, ``varlen_attention_ref`` and the layers' 'torch' and 'flash' backends):
 
 - ``score_terms``: what is added to a score (bias, ALiBi) and which scores are masked (bias

@@ -1,7 +1,7 @@
 """What every kernel shares: the variant description, the score and its mask, the block
 ranges, pointer arithmetic and the program prologue.
 
-A score/mask feature lives in three places here (docs/architecture.md lists them):
+A score/mask feature lives in these places here (docs/architecture.md lists them):
 ``Variant`` (its compile-time switch, set in ``launch_meta``), ``ScoreArgs`` (its runtime
 scalars), ``_visible``/``_score`` (what it does to one tile) and ``_key_range``/``_query_range``
 (which blocks it lets a program skip or must mask). The kernels never name a feature.
@@ -29,8 +29,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 class Variant(NamedTuple):
     """The kernel variant: every compile-time choice that follows from the inputs, passed to
-    every kernel and helper as one ``tl.constexpr`` (``VAR``). Tile sizes and EVEN_M/EVEN_N
-    follow from the chosen config instead and stay separate constexprs."""
+    every kernel and helper as one ``tl.constexpr`` (``VAR``). Tile sizes and EVEN_M (the dK/dV
+    and dbias passes) follow from the chosen config instead and stay separate constexprs."""
 
     CAUSAL: bool  # bottom-right causal mask
     HAS_BIAS: bool  # additive bias tensor
