@@ -247,3 +247,19 @@ def test_alibi_slopes_under_inference_mode():
         bad = torch.tensor([0.5, float("inf"), 0.25])
         with pytest.raises(ValueError, match="alibi_slopes must be finite"):
             check_alibi_slopes(bad, 2, 3, bad.device)
+
+
+def test_flash_layer_backend_keeps_large_finite_bias_rows():
+    """The 'flash' (SDPA) layer backend casts its additive mask to q's dtype: a finite fp32 bias
+    row of -1e5 became -inf in fp16 and the row came out 0, where 'torch' and 'triton' give the
+    softmax of the scores (a constant row shift changes nothing)."""
+    from tritonflash.layers import ATTN_FNS
+
+    b, s, h, d = 1, 6, 2, 8
+    query, key, value = (torch.randn(b, s, h * d, dtype=torch.float16) for _ in range(3))
+    bias = torch.randn(1, h, s, s)
+    bias[:, :, 0] = -1e5 + torch.randn(s)
+    outs = {impl: ATTN_FNS[impl](query, key, value, h, h, attn_bias=bias, is_causal=False)[0].float()
+            for impl in ("torch", "flash")}
+    assert torch.isfinite(outs["flash"]).all()
+    torch.testing.assert_close(outs["flash"], outs["torch"], atol=2e-2, rtol=0)

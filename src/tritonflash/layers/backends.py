@@ -238,7 +238,11 @@ def flash_attn_fn(
     # Rows with no visible key: a harmless mask row for SDPA, output zeroed after (as the
     # reference's attention_weights does), whichever kernel PyTorch picks.
     dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
-    mask = mask.masked_fill(dead, 0.0).to(q.dtype)
+    mask = mask.masked_fill(dead, 0.0)
+    # SDPA takes the mask in q's dtype: shift each row by its (detached) max first, which the
+    # softmax ignores, so that a large finite bias (a -1e5 row in fp16) keeps its differences
+    # instead of rounding to -inf or to a constant.
+    mask = (mask - mask.amax(dim=-1, keepdim=True).detach()).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=mask, dropout_p=dropout_p, scale=c.softmax_scale,
     )
