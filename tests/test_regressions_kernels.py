@@ -263,3 +263,17 @@ def test_flash_layer_backend_keeps_large_finite_bias_rows():
             for impl in ("torch", "flash")}
     assert torch.isfinite(outs["flash"]).all()
     torch.testing.assert_close(outs["flash"], outs["torch"], atol=2e-2, rtol=0)
+
+
+def test_varlen_shape_errors_print_the_shapes_given():
+    """Varlen validation reuses the padded-batch check on views with a leading 1; its messages
+    printed those made-up 4-D shapes instead of the user's 3-D ones."""
+    from tritonflash import flash_attn_varlen_func
+
+    q = torch.randn(5, 4, 16, dtype=torch.float16)
+    k = torch.randn(5, 3, 16, dtype=torch.float16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"got k \(5, 3, 16\) and v \(5, 2, 16\)"):
+        flash_attn_varlen_func(q, k, k[:, :2], cu, cu, 5, 5)
+    with pytest.raises(ValueError, match=r"got k/v with shape \(5, 3, 16\)"):
+        flash_attn_varlen_func(q, k, k, cu, cu, 5, 5)

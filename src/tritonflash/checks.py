@@ -49,8 +49,11 @@ def _last_dim_unit(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def check_qkv(q, k, v):
-    """Validate q (b, sq, h, d) and k, v (b, sk, h_k, d)."""
+def check_qkv(q, k, v, shown=None):
+    """Validate q (b, sq, h, d) and k, v (b, sk, h_k, d). ``shown`` maps a tensor to the shape
+    that messages print (the varlen check passes views with a leading 1 that the user did not
+    write)."""
+    shown = shown or (lambda x: tuple(x.shape))
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
         if x.dim() != 4:
@@ -62,7 +65,7 @@ def check_qkv(q, k, v):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape, got k {shown(k)} and v {shown(v)}")
     batch, _, nheads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k and v must have q's batch size {batch}, got {k.shape[0]}")
@@ -74,7 +77,7 @@ def check_qkv(q, k, v):
     if nheads_k < 1 or nheads % nheads_k != 0:
         raise ValueError(
             f"q's nheads ({nheads}) must be a multiple of k/v's nheads ({nheads_k}) "
-            "(grouped-query attention); got k/v with shape " + str(tuple(k.shape))
+            "(grouped-query attention); got k/v with shape " + str(shown(k))
         )
 
 
@@ -287,7 +290,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         check_tensor(name, x)
         if x.dim() != 3:
             raise ValueError(f"{name} must have rank 3 (total_tokens, nheads, headdim) for varlen, got shape {tuple(x.shape)}")
-    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), shown=lambda x: tuple(x.shape[1:]))
     longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
