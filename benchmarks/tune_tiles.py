@@ -4,7 +4,7 @@ Autotunes every kernel (TRITONFLASH_AUTOTUNE=1) on the benchmark protocol's shap
 (benchmarks/bench_attention.py: every suite, one seqlen per length class) and records the tile
 each launch picked under its ``configs.tile_key``. The library's default path then reads the
 table instead of timing, so every process picks the same tiles (docs/semantics.md,
-determinism). Entries of other archs are kept.
+determinism). Entries of other archs, and of cases this run does not tune, are kept.
 
     PYTHONPATH=src python benchmarks/tune_tiles.py                # writes the table
     PYTHONPATH=src python benchmarks/tune_tiles.py --out /tmp/t.py --seqlens 1k,4k
@@ -31,19 +31,15 @@ import bench_attention as bench  # noqa: E402
 from tritonflash.kernels import backward, configs, forward, tiles  # noqa: E402
 
 LAUNCHERS = [forward._launch_fwd, backward._launch_dkdv, backward._launch_dq, backward._launch_dbias]
-HEADER = '''"""Tile per GPU arch, kernel and case: what the default (non-autotuned) launches use.
-
-Written by ``benchmarks/tune_tiles.py`` from autotuning runs of the benchmark's shapes on one
-GPU of each arch; do not edit by hand. Keys: ``configs.tile_key`` = (BLOCK_D, causal, bias
-kind, ALiBi, length class, DBIAS_COLS/SUM_KEYS or None); values (BLOCK_M, BLOCK_N, num_warps,
-num_stages). A case missing here takes the first candidate of ``configs`` that fits.
-"""
-
-'''
+HEADER = f'"""{tiles.__doc__}"""\n\n'  # the table module keeps its own docstring
 
 
 def write_table(path: Path, arch: str):
-    picks = {launcher.name: dict(sorted(launcher.picks.items(), key=str)) for launcher in LAUNCHERS if launcher.picks}
+    # Merged into this arch's entries: a run over some suites keeps what earlier runs tuned.
+    merged = {launcher.name: dict(tiles.TILES.get(arch, {}).get(launcher.name, {})) for launcher in LAUNCHERS}
+    for launcher in LAUNCHERS:
+        merged[launcher.name].update(launcher.picks)
+    picks = {name: dict(sorted(entries.items(), key=str)) for name, entries in merged.items() if entries}
     table = {**tiles.TILES, arch: picks}
     path.write_text(HEADER + "TILES: dict = " + pprint.pformat(table, width=110, sort_dicts=False) + "\n")
 

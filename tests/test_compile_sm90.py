@@ -49,8 +49,7 @@ def _candidate_cases():
                       "dbias": configs.BWD_DBIAS_CONFIGS}[which]
         for d in (64, 128, 256):
             # The cases below carry an fp32 (1, h, s, s) bias: prune for it.
-            var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, HAS_KPM=False, MASK_BOTH_EDGES=False,
-                          IS_VARLEN=False, BLOCK_D=d, EVEN_D=True, WIDE=False, INTERP_BF16=False)
+            var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, BLOCK_D=d)
             args = dict(VAR=var, score=SimpleNamespace(bias=torch.empty(1, dtype=torch.float32)))
             kept = prune(candidates, {}, **args)
             picks = {max(kept, key=lambda c: configs.smem_estimate(which, c, args)),

@@ -13,8 +13,7 @@ from tritonflash.kernels.common import Variant
 
 
 def _launch_args(block_d=128, bias_row=False, bias_dtype=torch.float32):
-    var = Variant(CAUSAL=True, HAS_BIAS=bias_row, BIAS_ROW=bias_row, HAS_ALIBI=False, HAS_KPM=False,
-                  MASK_BOTH_EDGES=False, IS_VARLEN=False, BLOCK_D=block_d, EVEN_D=True, WIDE=False, INTERP_BF16=False)
+    var = Variant(CAUSAL=True, HAS_BIAS=bias_row, BIAS_ROW=bias_row, BLOCK_D=block_d)
     q = SimpleNamespace(is_cuda=True, device=torch.device("cpu"))
     return dict(Q=q, VAR=var, score=SimpleNamespace(bias=torch.empty(1, dtype=bias_dtype)), tune_bucket=1)
 

@@ -129,8 +129,7 @@ def test_every_config_gives_the_same_answer(which):
             for sq, sk in ((333, 517), (256, 512)):
                 bias = torch.randn(1, 3, sq, sk, device="cuda", requires_grad=True)
                 # The candidates autotuning may pick for this head dim and bias (after the prune).
-                var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, HAS_KPM=False, MASK_BOTH_EDGES=False,
-                              IS_VARLEN=False, BLOCK_D=block_d, EVEN_D=d == block_d, WIDE=False, INTERP_BF16=False)
+                var = Variant(CAUSAL=True, HAS_BIAS=True, BIAS_ROW=True, HAS_ALIBI=True, BLOCK_D=block_d, EVEN_D=d == block_d)
                 for cfg in launcher.prune(launcher.candidates, {}, VAR=var, score=SimpleNamespace(bias=bias)):
                     launcher.forced = cfg
                     q, k, v = make_qkv(2, sq, sk, 3, d, torch.float16, "cuda")

@@ -30,19 +30,21 @@ LN2 = tl.constexpr(0.6931471805599453)
 class Variant(NamedTuple):
     """The kernel variant: every compile-time choice that follows from the inputs, passed to
     every kernel and helper as one ``tl.constexpr`` (``VAR``). Tile sizes and EVEN_M (the dK/dV
-    and dbias passes) follow from the chosen config instead and stay separate constexprs."""
+    and dbias passes) follow from the chosen config instead and stay separate constexprs. The
+    defaults (plain attention, head dim 64) are for tests and tools; ``launch_meta`` sets every
+    field."""
 
-    CAUSAL: bool  # bottom-right causal mask
-    HAS_BIAS: bool  # additive bias tensor
-    BIAS_ROW: bool  # the bias has a query-row dimension ([M, N] tiles, not one [N] vector)
-    HAS_ALIBI: bool  # in-kernel ALiBi from per-(batch, head) slopes
-    HAS_KPM: bool  # key padding mask
-    MASK_BOTH_EDGES: bool  # block ranges have a masked edge on both sides (a sliding window); else only the causal/tail one
-    IS_VARLEN: bool  # packed variable-length batch (cu_seqlens)
-    BLOCK_D: int  # head dim rounded up to a power of two (>= 16)
-    EVEN_D: bool  # head dim == BLOCK_D: no column masks on q/k/v tiles
-    WIDE: bool  # int64 in-slice offsets (see needs_wide)
-    INTERP_BF16: bool  # bf16 under the interpreter (its bf16 dot and cast need help)
+    CAUSAL: bool = False  # bottom-right causal mask
+    HAS_BIAS: bool = False  # additive bias tensor
+    BIAS_ROW: bool = False  # the bias has a query-row dimension ([M, N] tiles, not one [N] vector)
+    HAS_ALIBI: bool = False  # in-kernel ALiBi from per-(batch, head) slopes
+    HAS_KPM: bool = False  # key padding mask
+    MASK_BOTH_EDGES: bool = False  # block ranges have a masked edge on both sides (a sliding window); else only the causal/tail one
+    IS_VARLEN: bool = False  # packed variable-length batch (cu_seqlens)
+    BLOCK_D: int = 64  # head dim rounded up to a power of two (>= 16)
+    EVEN_D: bool = True  # head dim == BLOCK_D: no column masks on q/k/v tiles
+    WIDE: bool = False  # int64 in-slice offsets (see needs_wide)
+    INTERP_BF16: bool = False  # bf16 under the interpreter (its bf16 dot and cast need help)
 
 
 class ScoreArgs(NamedTuple):
