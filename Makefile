@@ -24,7 +24,7 @@ env: $(ENV_STAMP)
 	python3 -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
 	.venv/bin/python -m pip install --quiet "$(TORCH_PIN)" "$(TRITON_PIN)"
-	.venv/bin/python -m pip install --quiet -e ".[dev]"
+	.venv/bin/python -m pip install --quiet -e ".[dev,hf]"
 	touch $@
 
 demo: $(ENV_STAMP)
