@@ -50,9 +50,11 @@ def make_qkv(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, device, nheads_
 
 
 def check_against_reference(fn_out, q, k, v, dout, *, bias=None, causal=False, softmax_scale=None,
-                            alibi_slopes=None, key_padding_mask=None, lse=None, check_grads=True):
-    """Compare a kernel's out (and lse, and gradients of q, k, v, bias) with the rule."""
-    kwargs = dict(alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask, return_lse=True)
+                            alibi_slopes=None, key_padding_mask=None, lse=None, check_grads=True, **features):
+    """Compare a kernel's out (and lse, and gradients of q, k, v, bias, sinks) with the rule.
+    ``features``: the reference's keywords (window_size, softcap, sinks, dropout_p with
+    dropout_mask, attn_mask)."""
+    kwargs = dict(alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask, return_lse=True, **features)
     out_ref, lse_ref = attention_ref(q, k, v, bias, causal, softmax_scale, upcast=True, **kwargs)
     out_pt, lse_pt = attention_ref(q, k, v, bias, causal, softmax_scale, upcast=False, reorder_ops=True, **kwargs)
     assert_close_to_ref("out", fn_out, out_ref, out_pt, FWD_FACTOR)
@@ -60,7 +62,7 @@ def check_against_reference(fn_out, q, k, v, dout, *, bias=None, causal=False, s
         assert_close_to_ref("lse", lse, lse_ref, lse_pt, FWD_FACTOR)
     if not check_grads:
         return
-    inputs = [("dq", q), ("dk", k), ("dv", v), ("dbias", bias)]
+    inputs = [("dq", q), ("dk", k), ("dv", v), ("dbias", bias), ("dsinks", features.get("sinks"))]
     inputs = [(n, t) for n, t in inputs if t is not None and t.requires_grad]
     tensors = [t for _, t in inputs]
     g = torch.autograd.grad(fn_out, tensors, dout, retain_graph=True)

@@ -141,7 +141,7 @@ def test_outputs_fully_written():
     assert not out.isnan().any() and not lse.isnan().any()
     dout = torch.randn_like(out)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    dq, dk, dv, _ = attn_bwd(dout, q, k, v, out, lse, None, None, None, True, scale, dq=dq, dk=dk, dv=dv)
+    dq, dk, dv, _, _ = attn_bwd(dout, q, k, v, out, lse, None, None, None, True, scale, dq=dq, dk=dk, dv=dv)
     for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert not g.isnan().any(), f"{name} has unwritten (NaN) elements"
 

@@ -14,6 +14,7 @@ so the models are tiny; on a GPU they are larger.
 from __future__ import annotations
 
 import copy
+import functools
 import subprocess
 import sys
 
@@ -213,6 +214,7 @@ def _spy(monkeypatch, name):
     calls = []
     real = getattr(tritonflash.api, name)
 
+    @functools.wraps(real)  # the glue reads the real signature to see which features exist
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return real(*args, **kwargs)

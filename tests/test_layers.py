@@ -442,7 +442,7 @@ def test_needs_weights_torch_backend():
     assert (w.triu(1) == 0).all()
 
 
-@pytest.mark.parametrize("impl", ["torch", "flash"])
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
 def test_dropout_in_training_only(impl):
     """attn_pdrop drops attention weights in training mode only, reproducibly under a seed."""
     layer = make_layer("multihead_attention", impl, attn_pdrop=0.5)
@@ -456,7 +456,9 @@ def test_dropout_in_training_only(impl):
     torch.testing.assert_close(evals[0], evals[1])
     assert (outs[0] - evals[0]).abs().max() > 1e-3
     ref, _, _ = make_layer("multihead_attention", "torch", attn_pdrop=0.5).eval()(x)
-    torch.testing.assert_close(evals[0], ref)
+    # 'triton' runs fp32 layers in bf16 (triton_compute_dtype).
+    tol = dict(atol=3e-2, rtol=0) if impl == "triton" else {}
+    torch.testing.assert_close(evals[0], ref, **tol)
 
 
 def test_triton_compute_dtype():
@@ -593,7 +595,6 @@ def test_config_errors(args, kwargs, match):
     [
         pytest.param("triton", {"needs_weights": True}, False, r"attn_impl='triton' .*needs_weights=True", id="triton-weights"),
         pytest.param("flash", {"needs_weights": True}, False, r"attn_impl='flash' .*needs_weights=True", id="flash-weights"),
-        pytest.param("triton", {}, True, r"attn_impl='triton' has no attention dropout \(attn_pdrop=0.1", id="triton-dropout"),
     ],
 )
 def test_unsupported_options_raise(impl, kwargs, train, match):

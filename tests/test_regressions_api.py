@@ -289,8 +289,6 @@ def _varlen_calls():
 
 @pytest.mark.parametrize("call", _varlen_calls())
 @pytest.mark.parametrize("dropout_p, exc, match", [
-    pytest.param(0.1, NotImplementedError, r"^dropout_p=0\.1 is not supported yet", id="0.1"),
-    pytest.param(0.5, NotImplementedError, r"^dropout_p=0\.5 is not supported yet", id="0.5"),
     pytest.param(None, TypeError, r"^dropout_p must be a float, got NoneType", id="None-old-convention"),
     pytest.param(True, TypeError, r"^dropout_p must be a float, got bool", id="bool"),
     pytest.param("0.0", TypeError, r"^dropout_p must be a float, got str", id="str"),
@@ -299,8 +297,8 @@ def _varlen_calls():
     pytest.param(float("nan"), ValueError, r"^dropout_p must be in \[0, 1\), got nan", id="nan"),
 ])
 def test_varlen_dropout_p_is_validated(call, dropout_p, exc, match):
-    """dropout_p is accepted as 0 only until dropout exists; the old order's softmax_scale=None
-    at position 8 (``..., m, m, None, True``) now fails naming dropout_p instead of running."""
+    """dropout_p must be a number in [0, 1); the old order's softmax_scale=None at position 8
+    (``..., m, m, None, True``) fails naming dropout_p instead of running."""
     with pytest.raises(exc, match=match):
         call(dropout_p)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .bias import bias_broadcast_shape
+from .kernels.common import NO_FEATURES, Features
 
 _QKV_DTYPES = (torch.float16, torch.bfloat16)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,6 +32,20 @@ class Inputs:
     softmax_scale: float
     alibi_slopes: torch.Tensor | None  # (1 or batch, nheads) fp32
     key_padding_mask: torch.Tensor | None  # (batch, seqlen_k) bool
+    features: Features = NO_FEATURES  # window, softcap, sinks, dropout (with its seed), attn_mask (rank 4)
+
+    def reference_kwargs(self) -> dict:
+        """The reference's keyword arguments for ``features`` (the dropout mask recomputed from
+        the seed on the host)."""
+        from .reference import dropout_keep_mask
+
+        f = self.features
+        mask = None
+        if f.dropout_p > 0.0 and f.seed is not None and self.q.dim() == 4:
+            b, sq, h, _ = self.q.shape
+            mask = dropout_keep_mask(f.seed, (b, h, sq, self.k.shape[1]), f.dropout_p, device=self.q.device)
+        return dict(window_size=f.window, softcap=f.softcap, sinks=f.sinks, dropout_p=f.dropout_p, dropout_mask=mask,
+                    attn_mask=f.attn_mask)
 
 
 def type_name(x):
@@ -179,19 +194,106 @@ def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_
 
 
 def check_dropout(dropout_p) -> None:
-    """dropout_p: a number in [0, 1); only 0 until the kernels have dropout."""
+    """dropout_p: a number in [0, 1)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         # bool is an int: a causal flag one position too early would read as dropout 0 or 1.
         raise TypeError(f"dropout_p must be a float, got {type_name(dropout_p)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p!r} is not supported yet: the kernels have no attention dropout; pass dropout_p=0.0"
+
+
+def draw_dropout_seed(dropout_p, device) -> torch.Tensor | None:
+    """The dropout seed of one call, (1,) int64 on ``device``, drawn from that device's default
+    generator (``torch.manual_seed`` reproduces it; no host sync; CUDA-graph safe); None
+    without dropout. Validates ``dropout_p`` first."""
+    check_dropout(dropout_p)
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def check_window(window_size, causal) -> tuple:
+    """(left, right) ints >= -1 (-1 = unbounded); with causal, right must be -1 or 0 (causal
+    means right = 0). Returns a tuple of ints."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, -1 = unbounded; got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window_size {side} must be an int (-1 = unbounded), got {type_name(w)}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {w}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal and right > 0:
+        raise ValueError(
+            f"causal=True means window_size right = 0, got window_size={tuple(window_size)}; pass causal=False with "
+            f"window_size=({left}, {right}) for a window that sees {right} keys past the diagonal"
+        )
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float (0.0 = off), got {type_name(softcap)}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0.0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks, nheads, device) -> None:
+    check_tensor("sinks", sinks)
+    if sinks.dtype != torch.float32:
+        raise TypeError(f"sinks must be float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (nheads,):
+        raise ValueError(f"sinks must have shape (nheads,) = ({nheads},), got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
+
+
+def check_attn_mask(attn_mask, sizes, device) -> None:
+    batch, seqlen_q, seqlen_k, nheads, _ = sizes
+    check_tensor("attn_mask", attn_mask)
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(
+            f"attn_mask must be bool (True = attend, as in scaled_dot_product_attention), got {attn_mask.dtype}; "
+            "pass an additive float mask as bias"
+        )
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask must be on q's device {device}, got {attn_mask.device}")
+    if bias_broadcast_shape(attn_mask.shape, batch, nheads, seqlen_q, seqlen_k) is None:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_k) = "
+            f"({batch}, {nheads}, {seqlen_q}, {seqlen_k})"
         )
 
 
-def normalise(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
+def check_features(sizes, device, causal, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, dropout_seed=None,
+                   attn_mask=None) -> Features:
+    """Validate the score features against ``sizes`` = (batch, seqlen_q, seqlen_k, nheads,
+    head_dim) and return them normalised (``dropout_seed`` as ``draw_dropout_seed`` gives it;
+    drawn here when missing)."""
+    window = check_window(window_size, causal)
+    softcap = check_softcap(softcap)
+    if sinks is not None:
+        check_sinks(sinks, sizes[3], device)
+    check_dropout(dropout_p)
+    if dropout_p > 0.0:
+        if dropout_seed is None:
+            dropout_seed = draw_dropout_seed(dropout_p, device)
+        check_tensor("dropout_seed", dropout_seed)
+        if dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1 or dropout_seed.device != device:
+            raise ValueError(f"dropout_seed must be a one-element int64 tensor on {device}, got {dropout_seed.dtype} "
+                             f"{tuple(dropout_seed.shape)} on {dropout_seed.device}")
+    else:
+        dropout_seed = None
+    if attn_mask is not None:
+        check_attn_mask(attn_mask, sizes, device)
+        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]
+    return Features(window=window, softcap=softcap, sinks=sinks, dropout_p=float(dropout_p), seed=dropout_seed,
+                    attn_mask=attn_mask)
+
+
+def normalise(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
+              features: Features = NO_FEATURES) -> Inputs:
     """The kernels' view of inputs that were validated already: no checks and no host reads, so
     the backward rebuilds it from the saved inputs. Works for (b, s, h, d) and varlen
     (total, h, d) layouts alike."""
@@ -214,18 +316,21 @@ def normalise(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes
         softmax_scale=float(softmax_scale),
         alibi_slopes=slopes,
         key_padding_mask=kpm,
+        features=features,
     )
 
 
-def prepare(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None) -> Inputs:
-    """Validate (b, s, h, d) inputs and return the kernels' view of them."""
+def prepare(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None, **features) -> Inputs:
+    """Validate (b, s, h, d) inputs and return the kernels' view of them; ``features`` are
+    ``check_features``'s keywords."""
     check_qkv(q, k, v)
     batch, seqlen_q, nheads, head_dim = q.shape
     if seqlen_q < 1 or k.shape[1] < 1:
         raise ValueError(f"seqlen_q and seqlen_k must be >= 1, got {seqlen_q} and {k.shape[1]}")
     sizes = (batch, seqlen_q, k.shape[1], nheads, head_dim)
     check_options(sizes, q.device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
-    return normalise(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask)
+    feats = check_features(sizes, q.device, causal, **features)
+    return normalise(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, feats)
 
 
 def _unpack(name, x, layout):
@@ -281,7 +386,7 @@ def contiguous_cu_seqlens(cu):
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, softmax_scale,
-                   alibi_slopes):
+                   alibi_slopes, **features):
     """Validate a packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d), every
     sequence (all of them, too) may be empty. Returns (Inputs, longest_q, longest_k): the
     longest sequences, read from cu_seqlens, size the launch (``max_seqlen_q/k`` only has to be
@@ -303,7 +408,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise TypeError(f"{name} must be an int, got {type_name(given)}")
         if given < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
-    check_dropout(dropout_p)
     sizes = (cu_seqlens_q.numel() - 1, longest_q, longest_k, q.shape[1], q.shape[2])
     check_options(sizes, q.device, None, causal, softmax_scale, alibi_slopes, None)
-    return normalise(q, k, v, None, causal, softmax_scale, alibi_slopes, None), longest_q, longest_k
+    feats = check_features(sizes, q.device, causal, dropout_p=dropout_p, **features)
+    return normalise(q, k, v, None, causal, softmax_scale, alibi_slopes, None, feats), longest_q, longest_k

@@ -20,9 +20,11 @@ import triton
 import triton.language as tl
 
 from .common import (
+    NO_FEATURES,
     _bias_ptrs,
     _cast,
     _dot,
+    _dropout_keep,
     _finite_rows,
     _key_keep,
     _key_range,
@@ -82,8 +84,8 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
-                         head_dim, BLOCK_M: tl.constexpr, MASK: tl.constexpr, DBIAS_COLS: tl.constexpr,
+def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, lo, hi, seqlen_q, seqlen_k,
+                         head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DBIAS_COLS: tl.constexpr,
                          EVEN_M: tl.constexpr, VAR: tl.constexpr):
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi)
     (``qdo``: the Q and dO ``_slice``s; ``stats``: lse and delta pointers and their row stride).
@@ -92,6 +94,7 @@ def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n
     per-element checks cost ~25% of this pass at head dim 128: docs/perf-notes.md, change 8)."""
     q_slc, do_slc = qdo
     lse_ptr, delta_ptr, stride_stat = stats
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
     bias_ptrs = _bias_ptrs(ctx, offs_m0, tl.minimum(offs_n, seqlen_k - 1), TRANS=True, VAR=VAR)
@@ -103,11 +106,12 @@ def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n
         do = _load_rows(do_slc, offs_m, seqlen_q, offs_d, head_dim, MASK_ROWS=not EVEN_M, VAR=VAR)  # [BLOCK_M, BLOCK_D]
         lse, delta = _row_stats(lse_ptr, delta_ptr, offs_m, stride_stat, seqlen_q, MASK_ROWS=not EVEN_M)
         rows, cols = offs_m[None, :], offs_n[:, None]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, keep, MASK=MASK, VAR=VAR)
-        p_t, ds_t = _probs_ds(k, q, v, do, bias, lse[None, :], delta[None, :], rows, cols, seqlen_q, seqlen_k, vis, ctx,
-                              MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_M]
-        dv = _dot(_cast(p_t, do.dtype, VAR.INTERP_BF16), do, dv, VAR)
-        dk = _dot(_cast(ds_t, q.dtype, VAR.INTERP_BF16), q, dk, VAR)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, keep, ctx, MASK=MASK, VAR=VAR)
+        drop = _dropout_keep(ctx, offs_m, start_n, BLOCK_M, BLOCK_N, TRANS=True, VAR=VAR)
+        w_t, ds_t, dsqk_t = _probs_ds(k, q, v, do, bias, lse[None, :], delta[None, :], rows, cols, seqlen_q, seqlen_k, vis, drop,
+                                      ctx, MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_M]
+        dv = _dot(_cast(w_t, do.dtype, VAR.INTERP_BF16), do, dv, VAR)
+        dk = _dot(_cast(dsqk_t, q.dtype, VAR.INTERP_BF16), q, dk, VAR)
         if DBIAS_COLS:
             dbias_cols += tl.sum(ds_t, 1)
     return dk, dv, dbias_cols
@@ -141,7 +145,7 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
+    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, ctx_b, BLOCK_M, BLOCK_N, VAR=VAR)
     for g in range(0, kv_group):
         off_h = sp.off_h * kv_group + g
         ctx = _score_ctx(score, sp.off_b, off_h, VAR)
@@ -149,13 +153,13 @@ def _attn_bwd_dkdv(
         stats = (_stat_ptr(Lse, stride_stat, sp.off_b, off_h, sp.start_q), _stat_ptr(Delta, stride_stat, sp.off_b, off_h, sp.start_q),
                  stride_stat[2])
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, lo, full_lo,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
-        dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, full_lo, full_hi,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=False, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
+        dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, lo, full_lo,
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
+        dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_lo, full_hi,
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=False, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
         if VAR.MASK_BOTH_EDGES:
-            dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, offs_n, offs_d, full_hi, hi,
-                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
+            dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_hi, hi,
+                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, VAR=VAR)
         if DBIAS_COLS:
             dbias_ptr = DBias + sp.off_b * stride_dbias[0] + off_h * stride_dbias[1]
             tl.store(dbias_ptr + offs_n * stride_dbias[3], dbias_cols, mask=offs_n < seqlen_k)
@@ -166,7 +170,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim,
-                       BLOCK_N: tl.constexpr, MASK: tl.constexpr, VAR: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, VAR: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi) (``kv``: K and V ``_slice``s)."""
     k_slc, v_slc = kv
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -181,9 +185,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, lo, hi, s
         k = _load_keys(k_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
         v = _load_keys(v_slc, offs_n, seqlen_k, offs_d, head_dim, ctx, MASK=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
         rows, cols = offs_m[:, None], offs_n[None, :]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
-        _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, ctx,
-                          MASK=MASK, VAR=VAR)  # [BLOCK_M, BLOCK_N]
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), ctx, MASK=MASK, VAR=VAR)
+        drop = _dropout_keep(ctx, offs_m, start_n, BLOCK_M, BLOCK_N, TRANS=False, VAR=VAR)
+        _, _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, drop, ctx,
+                             MASK=MASK, VAR=VAR)  # [BLOCK_M, BLOCK_N]
         if MASK:
             # An invisible key has dS = 0, but 0 * NaN = NaN inside the matmul; a visible
             # non-finite key already made its dS NaN.
@@ -219,20 +224,20 @@ def _attn_bwd_dq(
     kv = (_slice(K, stride_k, sp.off_b, sp.start_k, off_hk), _slice(V, stride_v, sp.off_b, sp.start_k, off_hk))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, ctx, BLOCK_M, BLOCK_N, VAR=VAR)
     if VAR.MASK_BOTH_EDGES:
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, lo, full_lo, seqlen_q, seqlen_k, head_dim,
-                                BLOCK_N, MASK=True, VAR=VAR)
+                                BLOCK_M, BLOCK_N, MASK=True, VAR=VAR)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, head_dim,
-                            BLOCK_N, MASK=False, VAR=VAR)
+                            BLOCK_M, BLOCK_N, MASK=False, VAR=VAR)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kv, ctx, offs_m, offs_d, full_hi, hi, seqlen_q, seqlen_k, head_dim,
-                            BLOCK_N, MASK=True, VAR=VAR)
+                            BLOCK_M, BLOCK_N, MASK=True, VAR=VAR)
     _store_rows(_slice(DQ, stride_dq, sp.off_b, sp.start_q, sp.off_h), dq * sm_scale, offs_m, seqlen_q, offs_d, head_dim, VAR)
 
 
 @triton.jit
 def _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, bias_col_stride, score, first, sums, kv_group, offs_m, offs_d,
-                          lo, hi, seqlen_q, seqlen_k, head_dim, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                          lo, hi, seqlen_q, seqlen_k, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                           EVEN_M: tl.constexpr, VAR: tl.constexpr):
     """Sum dS of the query block ``offs_m`` over key blocks [lo, hi) and over the
     ``sums = (batches, heads)`` slices from ``first = (batch, head)`` that one dbias tile
@@ -256,8 +261,10 @@ def _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, bias_col_stride, sco
             lse, delta = _row_stats(_stat_ptr(Lse, stride_stat, off_b, off_h, 0), _stat_ptr(Delta, stride_stat, off_b, off_h, 0),
                                     offs_m, stride_stat[2], seqlen_q, MASK_ROWS=not EVEN_M)
             rows, cols = offs_m[:, None], offs_n[None, :]
-            vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
-            _, ds = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
+            vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), ctx, MASK=MASK, VAR=VAR)
+            drop = _dropout_keep(ctx, offs_m, start_n, BLOCK_M, BLOCK_N, TRANS=False, VAR=VAR)
+            _, ds, _ = _probs_ds(q, k, do, v, bias, lse[:, None], delta[:, None], rows, cols, seqlen_q, seqlen_k, vis, drop, ctx,
+                                 MASK=MASK, VAR=VAR)
             acc += ds
     return acc
 
@@ -293,7 +300,7 @@ def _attn_bwd_dbias(
     ctx = _score_ctx(score, first[0], first[1], VAR)
     bias_ptrs = _bias_ptrs(ctx, tl.minimum(offs_m, seqlen_q - 1), tl.arange(0, BLOCK_N), TRANS=False, VAR=VAR)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, ctx, BLOCK_M, BLOCK_N, VAR=VAR)
     if not SUM_KEYS:
         # This program's key block only (the range bounds are multiples of BLOCK_N but hi).
         own = pid_n * BLOCK_N
@@ -307,11 +314,11 @@ def _attn_bwd_dbias(
     sums = (sum_batch, sum_heads)
     if VAR.MASK_BOTH_EDGES:
         acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                    lo, full_lo, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
+                                    lo, full_lo, seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
     acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                full_lo, full_hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=False, EVEN_M=EVEN_M, VAR=VAR)
+                                full_lo, full_hi, seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=False, EVEN_M=EVEN_M, VAR=VAR)
     acc = _attn_bwd_dbias_inner(acc, tensors, strides, bias_ptrs, ctx.stride_bias_n, score, first, sums, kv_group, offs_m, offs_d,
-                                full_hi, hi, seqlen_q, seqlen_k, head_dim, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
+                                full_hi, hi, seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, EVEN_M=EVEN_M, VAR=VAR)
 
     dbias_ptr = DBias + first[0] * stride_dbias[0] + first[1] * stride_dbias[1]
     if SUM_KEYS:
@@ -332,18 +339,19 @@ PRE_BLOCK_M = 64
 
 def attn_bwd(
     dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
-    dq=None, dk=None, dv=None, bias_grad=False, varlen=None,
+    dq=None, dk=None, dv=None, bias_grad=False, varlen=None, features=NO_FEATURES, sinks_grad=False,
 ):
-    """Launch the backward kernels. Inputs as for ``attn_fwd``; ``dq``/``dk``/``dv`` may be
-    given (e.g. views into a packed gradient). With ``bias_grad`` the bias gradient is
-    returned in the shape and dtype of the rank-4 ``bias`` view (its size-1 dims summed over),
-    else None. Returns (dq, dk, dv, dbias)."""
+    """Launch the backward kernels. Inputs as for ``attn_fwd`` (``features`` as there, with the
+    forward's dropout seed); ``dq``/``dk``/``dv`` may be given (e.g. views into a packed
+    gradient). With ``bias_grad`` the bias gradient is returned in the shape and dtype of the
+    rank-4 ``bias`` view (its size-1 dims summed over), else None; with ``sinks_grad`` the
+    sinks' gradient (fp32, (nheads,)), else None. Returns (dq, dk, dv, dbias, dsinks)."""
     pb = problem(q, k, varlen)
     batch, seqlen_q, seqlen_k, nheads, nheads_k = pb.batch, pb.seqlen_q, pb.seqlen_k, pb.nheads, pb.nheads_k
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, (q, k, v, out, dout, dq, dk, dv))
+    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, (q, k, v, out, dout, dq, dk, dv), features)
     cu = pb.varlen_args()
 
     delta = torch.empty_like(lse)
@@ -410,4 +418,18 @@ def attn_bwd(
             dbias_heads=bias.shape[1], SUM_KEYS=sum_keys,
             INTERP_DBIAS_BF16=INTERPRET and bias.dtype == torch.bfloat16, **common,
         )
-    return dq, dk, dv, dbias
+    dsinks = None
+    if sinks_grad and features.sinks is not None:
+        dsinks = sinks_gradient(features.sinks, lse, delta, varlen is not None)
+    return dq, dk, dv, dbias, dsinks
+
+
+def sinks_gradient(sinks, lse, delta, is_varlen):
+    """d loss / d sinks[h] = -sum over rows of P_sink * delta, P_sink = exp(sinks[h] - lse) the
+    probability the sink took (the sink has no value, so the output moves only through the
+    normaliser). A plain reduction over (batch, rows) in fp32: deterministic, no atomics.
+    lse/delta are (batch, nheads, seqlen_q), or (nheads, total_q) for varlen."""
+    sinks = sinks[:, None] if is_varlen else sinks[None, :, None]
+    # A -inf sink in a row without keys (lse -inf) took no probability.
+    p_sink = torch.where(lse == float("-inf"), 0.0, torch.exp(sinks - lse))
+    return -(p_sink * delta).sum(tuple(d for d in range(lse.dim()) if d != lse.dim() - 2))

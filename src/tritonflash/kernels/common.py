@@ -13,6 +13,7 @@ ALiBi slope.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,13 +35,18 @@ class Variant(NamedTuple):
     defaults (plain attention, head dim 64) are for tests and tools; ``launch_meta`` sets every
     field."""
 
-    CAUSAL: bool = False  # bottom-right causal mask
+    CAUSAL: bool = False  # right edge: key j <= i + seqlen_k - seqlen_q + window_right (causal: window_right = 0)
+    LOCAL: bool = False  # left edge of a sliding window: key j >= i + seqlen_k - seqlen_q - window_left
     HAS_BIAS: bool = False  # additive bias tensor
     BIAS_ROW: bool = False  # the bias has a query-row dimension ([M, N] tiles, not one [N] vector)
     HAS_ALIBI: bool = False  # in-kernel ALiBi from per-(batch, head) slopes
     HAS_KPM: bool = False  # key padding mask
     MASK_BOTH_EDGES: bool = False  # block ranges have a masked edge on both sides (a sliding window); else only the causal/tail one
     IS_VARLEN: bool = False  # packed variable-length batch (cu_seqlens)
+    SOFTCAP: bool = False  # scores capped: softcap * tanh(scale * q.k / softcap), before bias and ALiBi
+    HAS_SINKS: bool = False  # one extra per-head logit in every row's softmax, without a value
+    DROPOUT: bool = False  # dropout on the normalised probabilities (Philox keep-mask per (b, h, i, j))
+    HAS_AMASK: bool = False  # boolean attention mask tensor (True = attend), read through its strides
     BLOCK_D: int = 64  # head dim rounded up to a power of two (>= 16)
     EVEN_D: bool = True  # head dim == BLOCK_D: no column masks on q/k/v tiles
     WIDE: bool = False  # int64 in-slice offsets (see needs_wide)
@@ -64,6 +70,19 @@ class ScoreArgs(NamedTuple):
     stride_slopes_h: int
     kpm: torch.Tensor  # (batch, seqlen_k) uint8 key padding mask, nonzero = keep (VAR.HAS_KPM)
     stride_kpm_b: int
+    window_left: int  # VAR.LOCAL: keys up to this many before the diagonal
+    window_right: int  # VAR.CAUSAL: keys up to this many after the diagonal (causal: 0)
+    softcap: float  # VAR.SOFTCAP: softcap * log2(e) (qk_scale is then softmax scale / softcap)
+    sinks: torch.Tensor  # (nheads,) fp32 sink logits (VAR.HAS_SINKS)
+    stride_sinks: int
+    seed: torch.Tensor  # (1,) int64 dropout seed drawn from the device's generator (VAR.DROPOUT)
+    dropout_threshold: int  # a 16-bit draw u is kept iff u >= this (= ceil(dropout_p * 65536))
+    dropout_scale: float  # 1 / (1 - dropout_p)
+    amask: torch.Tensor  # rank-4 uint8 mask, nonzero = attend, broadcast dims with stride 0 (VAR.HAS_AMASK)
+    stride_amask_b: int
+    stride_amask_h: int
+    stride_amask_m: int
+    stride_amask_n: int
 
 
 class ScoreCtx(NamedTuple):
@@ -75,6 +94,18 @@ class ScoreCtx(NamedTuple):
     stride_bias_m: int
     stride_bias_n: int
     kpm_ptr: tl.tensor  # this batch's key padding row, or the placeholder
+    window_left: int
+    window_right: int
+    softcap: float
+    sink: float  # this head's sink logit in log2 units (-inf without sinks)
+    off_b: tl.tensor  # int32 (batch, head): the dropout draw's counters
+    off_h: tl.tensor
+    seed: tl.tensor  # int64 dropout seed, or 0
+    dropout_threshold: int
+    dropout_scale: float
+    amask_ptr: tl.tensor  # the mask of this (batch, head), or the placeholder
+    stride_amask_m: int
+    stride_amask_n: int
 
 
 class Span(NamedTuple):
@@ -245,7 +276,18 @@ def _score_ctx(args, off_b, off_h, VAR: tl.constexpr):
     kpm_ptr = args.kpm
     if VAR.HAS_KPM:
         kpm_ptr = args.kpm + off_b * args.stride_kpm_b
-    return ScoreCtx(args.qk_scale, slope, bias_ptr, args.stride_bias_m, args.stride_bias_n, kpm_ptr)
+    sink = float("-inf")
+    if VAR.HAS_SINKS:
+        sink = tl.load(args.sinks + off_h * args.stride_sinks).to(tl.float32) * LOG2E
+    seed = 0
+    if VAR.DROPOUT:
+        seed = tl.load(args.seed)
+    amask_ptr = args.amask
+    if VAR.HAS_AMASK:
+        amask_ptr = args.amask + off_b * args.stride_amask_b + off_h * args.stride_amask_h
+    return ScoreCtx(args.qk_scale, slope, bias_ptr, args.stride_bias_m, args.stride_bias_n, kpm_ptr, args.window_left,
+                    args.window_right, args.softcap, sink, off_b.to(tl.int32), off_h.to(tl.int32), seed, args.dropout_threshold,
+                    args.dropout_scale, amask_ptr, args.stride_amask_m, args.stride_amask_n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,45 +295,70 @@ def _score_ctx(args, off_b, off_h, VAR: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
+def _key_range(start_m, seqlen_q, seqlen_k, ctx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
     """Key range of the query block starting at row ``start_m``: (lo, full_lo, full_hi, hi).
     Key blocks in [full_lo, full_hi) need no per-element mask, those in [full_hi, hi) do, and
     so do those in [lo, full_lo) when ``VAR.MASK_BOTH_EDGES`` (the kernels skip that range
-    otherwise: lo == full_lo). Keys outside [lo, hi) are invisible to every row of the block.
-    Bounds are multiples of BLOCK_N except ``hi``; the partial last key block is always in a
-    masked range.
+    otherwise: lo == full_lo). Keys outside [lo, hi) are invisible to every row of the block,
+    so their blocks are never visited (a sliding window costs work in proportion to its
+    width). Bounds are multiples of BLOCK_N except ``hi``; the partial last key block is
+    always in a masked range.
 
-    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q."""
+    Edges are aligned bottom-right: query i sees key j iff
+    i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right
+    (the left edge with ``VAR.LOCAL``, the right one with ``VAR.CAUSAL``, causal: right 0)."""
     full_n = (seqlen_k // BLOCK_N) * BLOCK_N
     lo = 0
+    full_lo = 0
     if VAR.CAUSAL:
-        diag = start_m + seqlen_k - seqlen_q
+        diag = start_m + seqlen_k - seqlen_q + ctx.window_right
         hi = tl.minimum(tl.maximum(diag + BLOCK_M, 0), seqlen_k)
         full_hi = tl.minimum((tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N, full_n)
         full_hi = tl.minimum(full_hi, hi)
     else:
         hi = seqlen_k
         full_hi = full_n
-    return lo, lo, full_hi, hi
+    if VAR.LOCAL:
+        first = start_m + seqlen_k - seqlen_q - ctx.window_left  # first key of the block's first row
+        lo = tl.minimum((tl.maximum(first, 0) // BLOCK_N) * BLOCK_N, hi)
+        # Keys every row of the block sees on the left: from the last row's first key on.
+        full_lo = tl.cdiv(tl.maximum(first + BLOCK_M - 1, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        # A window narrower than a block: no unmasked middle, the two masked ranges meet.
+        full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
+def _query_range(start_n, seqlen_q, seqlen_k, ctx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VAR: tl.constexpr):
     """Query range of the key block starting at ``start_n``, the mirror of ``_key_range``:
     (lo, full_lo, full_hi, hi). Query blocks in [lo, full_lo) need the per-element mask, those
     in [full_lo, full_hi) do not, and those in [full_hi, hi) do when ``VAR.MASK_BOTH_EDGES``
     (skipped otherwise: full_hi == hi). Rows past seqlen_q are neutralised by their LSE (+inf),
     so ``hi`` is a multiple of BLOCK_M."""
     end_m = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    lo = 0
+    full_lo = 0
+    hi = end_m
+    full_hi = end_m
     if VAR.CAUSAL:
-        first_row = tl.maximum(start_n - (seqlen_k - seqlen_q), 0)
+        # Row i sees key j on the right edge iff i >= j - (seqlen_k - seqlen_q) - window_right.
+        shift = seqlen_k - seqlen_q + ctx.window_right
+        first_row = tl.maximum(start_n - shift, 0)
         lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, end_m)
-        full_row = tl.maximum(start_n + BLOCK_N - 1 - (seqlen_k - seqlen_q), 0)
+        full_row = tl.maximum(start_n + BLOCK_N - 1 - shift, 0)
         full_lo = tl.minimum(tl.cdiv(full_row, BLOCK_M) * BLOCK_M, end_m)
-    else:
-        lo = 0
-        full_lo = 0
-    return lo, full_lo, end_m, end_m
+    if VAR.LOCAL:
+        # Row i sees key j on the left edge iff i <= j - (seqlen_k - seqlen_q) + window_left.
+        shift = seqlen_k - seqlen_q - ctx.window_left
+        last_row = start_n + BLOCK_N - 1 - shift  # the last row that sees the block's last key
+        hi = tl.minimum(tl.cdiv(tl.maximum(last_row + 1, 0), BLOCK_M) * BLOCK_M, end_m)
+        full_row = start_n - shift  # the last row that sees the block's first key
+        full_hi = tl.minimum((tl.maximum(full_row + 1, 0) // BLOCK_M) * BLOCK_M, hi)
+        lo = tl.minimum(lo, hi)
+        full_lo = tl.minimum(full_lo, hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,30 +425,52 @@ def _key_keep(ctx, cols, seqlen_k, VAR: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, seqlen_q, seqlen_k, keep, MASK: tl.constexpr, VAR: tl.constexpr):
+def _amask_ptrs(ctx, rows, cols):
+    """Pointers of the boolean mask at (``rows``, ``cols``), broadcast like ``_visible``'s
+    (int64: the mask can pass 2**31 elements on its own)."""
+    return ctx.amask_ptr + rows.to(tl.int64) * ctx.stride_amask_m + cols.to(tl.int64) * ctx.stride_amask_n
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_q, seqlen_k, keep, ctx, MASK: tl.constexpr, VAR: tl.constexpr):
     """Which (query, key) pairs of a tile a query may see, besides the bias: ``rows`` and
     ``cols`` broadcast against the tile ([M, 1] and [1, N], or [1, M] and [N, 1] for the
     transposed tiles of the dK/dV pass); ``keep`` from ``_key_keep`` in the same orientation.
-    ``MASK``: the tile is in a masked range of ``_key_range``/``_query_range`` (causal
-    diagonal, past seqlen_k); elsewhere only the key padding mask applies. True when nothing
-    is masked (then ``_score`` and ``_probs_ds`` apply no mask)."""
+    ``MASK``: the tile is in a masked range of ``_key_range``/``_query_range`` (causal or
+    window edge, past seqlen_k); elsewhere only the key padding mask and the boolean mask
+    apply. True when nothing is masked (then ``_score`` and ``_probs_ds`` apply no mask)."""
     if MASK:
         vis = cols < seqlen_k
         if VAR.CAUSAL:
-            vis = vis & (cols <= rows + (seqlen_k - seqlen_q))
+            vis = vis & (cols <= rows + (seqlen_k - seqlen_q + ctx.window_right))
+        if VAR.LOCAL:
+            vis = vis & (cols >= rows + (seqlen_k - seqlen_q - ctx.window_left))
         if VAR.HAS_KPM:
             vis = vis & keep
     else:
         vis = keep
+    if VAR.HAS_AMASK:
+        inside = (rows < seqlen_q) & (cols < seqlen_k)
+        vis = vis & (tl.load(_amask_ptrs(ctx, rows, cols), mask=inside, other=0) != 0)
     return vis
 
 
 @triton.jit
+def _tanh(x):
+    # exp2-based (the interpreter and the GPU agree): +-1 for large |x|, never NaN.
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
 def _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK: tl.constexpr, VAR: tl.constexpr):
-    """Scores in log2 units from ``qk`` (q . k), the bias tile (``_load_bias``, same
-    orientation) and ALiBi; -inf where ``vis`` (``_visible``) is False. A non-finite ``qk``
-    at an invisible pair is -inf too (tl.where selects, NaN never leaks)."""
-    s = qk * ctx.qk_scale
+    """Scores in log2 units from ``qk`` (q . k), capped (``VAR.SOFTCAP``), then the bias tile
+    (``_load_bias``, same orientation) and ALiBi added; -inf where ``vis`` (``_visible``) is
+    False. A non-finite ``qk`` at an invisible pair is -inf too (tl.where selects, NaN never
+    leaks)."""
+    if VAR.SOFTCAP:
+        s = _tanh(qk * ctx.qk_scale) * ctx.softcap
+    else:
+        s = qk * ctx.qk_scale
     if VAR.HAS_BIAS:
         # Entries <= bias.MASKED_BIAS (finfo.min-style masks) overflow to -inf here, as the
         # reference masks them; no per-element test needed.
@@ -389,9 +478,36 @@ def _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK: tl.constexp
     if VAR.HAS_ALIBI:
         dist = tl.abs(rows + (seqlen_k - seqlen_q) - cols).to(tl.float32)
         s += ctx.slope * dist
-    if MASK or VAR.HAS_KPM:
+    if MASK or VAR.HAS_KPM or VAR.HAS_AMASK:
         s = tl.where(vis, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _dropout_keep(ctx, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr,
+                  VAR: tl.constexpr):
+    """The dropout keep-mask of query rows ``offs_m`` and keys [start_n, start_n + BLOCK_N), as
+    [M, N] ([N, M] when ``TRANS``); True without dropout. A function of the seed and of
+    (batch, head, i, j) only, so every pass and tile size regenerates the same mask:
+    Philox-4x32 (7 rounds) with counters (j // 8, i, batch, head) and key ``seed`` gives 128
+    bits, whose 16-bit halves in order are the draws u of keys 8 * (j // 8) .. + 7; a key is
+    kept iff u >= dropout_threshold. ``reference.dropout_keep_mask`` computes the same bits."""
+    if VAR.DROPOUT:
+        GROUPS: tl.constexpr = BLOCK_N // 8
+        groups = (start_n // 8 + tl.arange(0, GROUPS)).to(tl.int32)
+        c0 = tl.broadcast_to(groups[None, :], [BLOCK_M, GROUPS])
+        c1 = tl.broadcast_to(offs_m[:, None].to(tl.int32), [BLOCK_M, GROUPS])
+        zero = c0 * 0
+        r0, r1, r2, r3 = tl.philox(ctx.seed, c0, c1, zero + ctx.off_b, zero + ctx.off_h, n_rounds=7)
+        # join appends a minor dim: join(join(r0, r2), join(r1, r3))[..., i, j] is word 2 * i + j.
+        words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, GROUPS, 4])
+        draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BLOCK_M, BLOCK_N])
+        keep = draws.to(tl.int32) >= ctx.dropout_threshold
+        if TRANS:
+            keep = tl.trans(keep)
+    else:
+        keep = True
+    return keep
 
 
 @triton.jit
@@ -436,21 +552,33 @@ def _row_stats(lse_ptr, delta_ptr, offs_m, stride_m, seqlen_q, MASK_ROWS: tl.con
 
 
 @triton.jit
-def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK: tl.constexpr,
+def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vis, drop, ctx, MASK: tl.constexpr,
               VAR: tl.constexpr):
-    """P and dS = P * (dP - delta) of one tile, P recomputed from the LSE (log2 units), in
-    either orientation: (a, b, da, db) = (q, k, do, v) gives [M, N] tiles (rows/cols/lse/delta
-    as [M, 1]/[1, N]); (k, q, v, do) gives the [N, M] tiles of the dK/dV pass ([1, M]/[N, 1]).
+    """The value weights and dS of one tile, P recomputed from the LSE (log2 units), in either
+    orientation: (a, b, da, db) = (q, k, do, v) gives [M, N] tiles (rows/cols/lse/delta as
+    [M, 1]/[1, N]); (k, q, v, do) gives the [N, M] tiles of the dK/dV pass ([1, M]/[N, 1]).
+    ``drop``: the dropout keep-mask in the same orientation (``_dropout_keep``).
+    Returns (W, dS, dS_qk): W = P with dropout applied (what multiplies V: dV = W^T dO),
+    dS = P * (dP - delta) the gradient of the score after the cap (the bias gradient), and
+    dS_qk that of the scaled q.k before it (dQ, dK; dS times the cap's derivative).
     In masked tiles dS is zeroed where invisible: there P = 0, but dP can be NaN when an
     invisible key holds NaN, and 0 * NaN would leak."""
     qk = _dot(a, tl.trans(b), None, VAR)
     s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
     p = tl.math.exp2(s - lse)
     dp = _dot(da, tl.trans(db), None, VAR)
+    w = p
+    if VAR.DROPOUT:
+        dp = tl.where(drop, dp * ctx.dropout_scale, 0.0)
+        w = tl.where(drop, p * ctx.dropout_scale, 0.0)
     ds = p * (dp - delta)
-    if MASK:
+    if MASK or VAR.HAS_AMASK:
         ds = tl.where(vis, ds, 0.0)
-    return p, ds
+    ds_qk = ds
+    if VAR.SOFTCAP:
+        t = _tanh(qk * ctx.qk_scale)
+        ds_qk = ds * (1.0 - t * t)  # the passes multiply dQ and dK by the softmax scale at the end
+    return w, ds, ds_qk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,35 +612,70 @@ def needs_wide(pb, tensors, bias) -> bool:
     return False
 
 
-def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, tensors) -> LaunchMeta:
+class Features(NamedTuple):
+    """The score features beyond bias, ALiBi and key padding, as the checks normalise them
+    (docs/semantics.md): ``window`` (left, right) with -1 unbounded (causal is passed on its
+    own and means right = 0); ``softcap`` 0 = off; ``sinks`` (nheads,) fp32 or None;
+    ``dropout_p`` with its ``seed`` ((1,) int64 on the device, drawn from its generator);
+    ``attn_mask`` a rank-4 bool view (True = attend) or None."""
+
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    sinks: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+
+
+NO_FEATURES = Features()
+
+
+def _broadcast_strides(x):
+    return tuple(st if sz > 1 else 0 for st, sz in zip(x.stride(), x.shape))
+
+
+def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, tensors,
+                features: Features = NO_FEATURES) -> LaunchMeta:
     """``bias`` is a rank-4 view with stride 0 on broadcast dims; ``alibi_slopes`` is
     (1 or batch, nheads) fp32; ``key_padding_mask`` is (batch, seqlen_k) uint8; ``tensors``
-    every q/k/v-like tensor the kernels index (for ``needs_wide``)."""
-    if pb.varlen is not None and bias is not None:
-        # The public API refuses this too; the kernels have no per-sequence bias offsets.
-        raise ValueError("an additive bias is not supported with variable-length (packed) batches")
+    every q/k/v-like tensor the kernels index (for ``needs_wide``); ``features`` the rest."""
+    if pb.varlen is not None:
+        # The public API refuses these too; the kernels have no per-sequence bias/mask offsets.
+        for name, x in (("an additive bias", bias), ("attn_mask", features.attn_mask)):
+            if x is not None:
+                raise ValueError(f"{name} is not supported with variable-length (packed) batches")
     block_d = max(16, triton.next_power_of_2(pb.head_dim))
-    stride_bias = (0, 0, 0, 0)
-    if bias is not None:
-        stride_bias = tuple(st if sz > 1 else 0 for st, sz in zip(bias.stride(), bias.shape))
+    stride_bias = (0, 0, 0, 0) if bias is None else _broadcast_strides(bias)
     stride_slopes = (0, 0)
     if alibi_slopes is not None:
         stride_slopes = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
+    left, right = features.window
+    if causal:
+        right = 0
+    amask = None if features.attn_mask is None else features.attn_mask.view(torch.uint8)
+    stride_amask = (0, 0, 0, 0) if amask is None else _broadcast_strides(amask)
+    softcap = float(features.softcap)
+    dropout_p = float(features.dropout_p)
     variant = Variant(
-        CAUSAL=bool(causal),
+        CAUSAL=right >= 0,
+        LOCAL=left >= 0,
         HAS_BIAS=bias is not None,
         BIAS_ROW=stride_bias[2] != 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_KPM=key_padding_mask is not None,
-        MASK_BOTH_EDGES=False,
+        MASK_BOTH_EDGES=left >= 0,
         IS_VARLEN=pb.varlen is not None,
+        SOFTCAP=softcap > 0.0,
+        HAS_SINKS=features.sinks is not None,
+        DROPOUT=dropout_p > 0.0,
+        HAS_AMASK=amask is not None,
         BLOCK_D=block_d,
         EVEN_D=pb.head_dim == block_d,
         WIDE=needs_wide(pb, tensors, bias),
         INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
     )
     score = ScoreArgs(
-        qk_scale=softmax_scale * 1.4426950408889634,
+        qk_scale=softmax_scale / softcap if softcap > 0.0 else softmax_scale * 1.4426950408889634,
         bias=q if bias is None else bias,
         stride_bias_b=stride_bias[0],
         stride_bias_h=stride_bias[1],
@@ -523,8 +686,26 @@ def launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_sca
         stride_slopes_h=stride_slopes[1],
         kpm=q if key_padding_mask is None else key_padding_mask,
         stride_kpm_b=key_padding_mask.stride(0) if key_padding_mask is not None else 0,
+        window_left=max(left, 0),
+        window_right=max(right, 0),
+        softcap=softcap * 1.4426950408889634,
+        sinks=q if features.sinks is None else features.sinks,
+        stride_sinks=0 if features.sinks is None else features.sinks.stride(0),
+        seed=q if features.seed is None else features.seed,
+        dropout_threshold=dropout_threshold(dropout_p),
+        dropout_scale=1.0 / (1.0 - dropout_p),
+        amask=q if amask is None else amask,
+        stride_amask_b=stride_amask[0],
+        stride_amask_h=stride_amask[1],
+        stride_amask_m=stride_amask[2],
+        stride_amask_n=stride_amask[3],
     )
     return LaunchMeta(variant, score)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """A 16-bit draw u (0 .. 65535) is kept iff u >= this, i.e. iff u / 65536 >= dropout_p."""
+    return min(math.ceil(dropout_p * 65536), 65536)
 
 
 class Varlen(NamedTuple):

@@ -9,9 +9,11 @@ import triton.language as tl
 
 from .common import (
     LN2,
+    NO_FEATURES,
     _bias_ptrs,
     _cast,
     _dot,
+    _dropout_keep,
     _finite_rows,
     _key_keep,
     _key_range,
@@ -34,7 +36,7 @@ from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd, seq_bucket
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim,
-                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, VAR: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, VAR: tl.constexpr):
     """Online-softmax step over key blocks [lo, hi) (``kv``: the K and V ``_slice``s).
     ``MASK`` selects the variant for the masked ranges of ``_key_range``."""
     k_slc, v_slc = kv
@@ -53,7 +55,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, hi, seqlen_q,
         k = _load_rows(k_slc, offs_n, seqlen_k, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, VAR)  # [BLOCK_M, BLOCK_N]
         rows, cols = offs_m[:, None], offs_n[None, :]
-        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), MASK=MASK, VAR=VAR)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, _key_keep(ctx, cols, seqlen_k, VAR), ctx, MASK=MASK, VAR=VAR)
         s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
@@ -67,9 +69,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, hi, seqlen_q,
             # non-finite values and poison only the rows that see them.
             v, bad = _finite_rows(v)
             p = tl.where(bad[None, :] & vis, float("nan"), p)
+        # The normaliser sums P before dropout; the values get the kept entries (the
+        # 1 / (1 - dropout_p) scale is applied once, at the end).
         l_i = l_i * alpha + tl.sum(p, 1)
+        w = p
+        if VAR.DROPOUT:
+            w = tl.where(_dropout_keep(ctx, offs_m, start_n, BLOCK_M, BLOCK_N, TRANS=False, VAR=VAR), p, 0.0)
         acc = acc * alpha[:, None]
-        acc = _dot(_cast(p, v.dtype, VAR.INTERP_BF16), v, acc, VAR)  # [BLOCK_M, BLOCK_D]
+        acc = _dot(_cast(w, v.dtype, VAR.INTERP_BF16), v, acc, VAR)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -101,21 +108,27 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(_slice(Q, stride_q, sp.off_b, sp.start_q, sp.off_h), offs_m, sp.seqlen_q, offs_d, head_dim, MASK_ROWS=True, VAR=VAR)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # A sink is one more logit of every row, without a value: the running max and sum start
+    # from it (ctx.sink = -inf without sinks, or for a -inf sink: no term).
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + ctx.sink
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.where(ctx.sink == float("-inf"), 0.0, 1.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, sp.seqlen_q, sp.seqlen_k, BLOCK_M, BLOCK_N, VAR=VAR)
+    lo, full_lo, full_hi, hi = _key_range(start_m, sp.seqlen_q, sp.seqlen_k, ctx, BLOCK_M, BLOCK_N, VAR=VAR)
     if VAR.MASK_BOTH_EDGES:
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, lo, full_lo, sp.seqlen_q, sp.seqlen_k,
-                                        head_dim, BLOCK_N, MASK=True, VAR=VAR)
+                                        head_dim, BLOCK_M, BLOCK_N, MASK=True, VAR=VAR)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, full_lo, full_hi, sp.seqlen_q, sp.seqlen_k,
-                                    head_dim, BLOCK_N, MASK=False, VAR=VAR)
+                                    head_dim, BLOCK_M, BLOCK_N, MASK=False, VAR=VAR)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, kv, ctx, offs_m, offs_d, full_hi, hi, sp.seqlen_q, sp.seqlen_k,
-                                    head_dim, BLOCK_N, MASK=True, VAR=VAR)
+                                    head_dim, BLOCK_M, BLOCK_N, MASK=True, VAR=VAR)
 
-    # Rows that saw no key (l == 0) get output 0 and lse -inf (docs/semantics.md), never NaN.
+    # Rows that saw no key (l == 0) get output 0 and lse -inf (docs/semantics.md), never NaN;
+    # with a sink they get output 0 and lse = the sink.
     dead = l_i == 0.0
-    acc = acc / tl.where(dead, 1.0, l_i)[:, None]
+    norm = tl.where(dead, 1.0, l_i)
+    if VAR.DROPOUT:
+        norm = norm / ctx.dropout_scale
+    acc = acc / norm[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
     _store_rows(_slice(Out, stride_out, sp.off_b, sp.start_q, sp.off_h), acc, offs_m, sp.seqlen_q, offs_d, head_dim, VAR)
     tl.store(_stat_ptr(Lse, stride_lse, sp.off_b, sp.off_h, sp.start_q) + offs_m * stride_lse[2], lse, mask=offs_m < sp.seqlen_q)
@@ -124,17 +137,18 @@ def _attn_fwd(
 _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 
 
-def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, out=None, varlen=None):
+def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, out=None, varlen=None, features=NO_FEATURES):
     """Launch the forward kernel. Inputs are already validated and normalised by the caller:
     q (b, sq, h, d), k/v (b, sk, h_k, d) — or, with ``varlen`` (a ``Varlen``), q (total_q, h, d)
     and k/v (total_k, h_k, d) — bias a rank-4 view broadcastable to (b, h, sq, sk) (or None),
-    alibi_slopes (b or 1, h) fp32 (or None), key_padding_mask (b, sk) uint8 (or None).
+    alibi_slopes (b or 1, h) fp32 (or None), key_padding_mask (b, sk) uint8 (or None),
+    ``features`` a ``common.Features`` (window, softcap, sinks, dropout, boolean mask).
     Returns (out, lse); lse is (b, h, sq), or (h, total_q) for varlen."""
     pb = problem(q, k, varlen)
     if out is None:
         out = torch.empty_like(q)
     lse, stride_lse = pb.lse_empty(q.device)
-    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, (q, k, v, out))
+    meta = launch_meta(pb, q, causal, bias, alibi_slopes, key_padding_mask, softmax_scale, (q, k, v, out), features)
 
     def grid(m):
         return (triton.cdiv(pb.seqlen_q, m["BLOCK_M"]) * pb.batch * pb.nheads,)

@@ -26,7 +26,7 @@ class GroupedQueryAttention(nn.Module):
         qk_ln: LayerNorm over the whole query (``d_model``) and key (``kv_n_heads * head_dim``)
             projections, as MPT does.
         softmax_scale: default ``1 / sqrt(head_dim)``.
-        attn_pdrop: dropout on the attention weights while training ('torch' and 'flash').
+        attn_pdrop: dropout on the attention weights while training (every backend; 'triton' in-kernel).
         fused_qkv: one ``Wqkv`` Linear ``d_model -> d_model + 2 * kv_n_heads * head_dim``
             (rows q, k, v) if True, else separate ``Wq``, ``Wk``, ``Wv``.
         bias: whether the Linear layers have biases. norm_eps: LayerNorm epsilon.

@@ -268,15 +268,13 @@ def triton_flash_attn_fn(
 ):
     """'triton' backend: ``tritonflash.flash_attn_func`` (GQA native, ALiBi and key padding
     in-kernel, k/v never expanded). fp32 inputs run in ``triton_compute_dtype`` and the output
-    is cast back. No attention weights, no dropout. See the module doc."""
+    is cast back. Dropout in training mode is the kernels' (its mask drawn from the device's
+    generator). No attention weights. See the module doc."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
                  key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=True)
     if needs_weights:
         raise NotImplementedError("attn_impl='triton' cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
-    if dropout_p > 0.0 and training:
-        raise NotImplementedError(f"attn_impl='triton' has no attention dropout (attn_pdrop={dropout_p} in training mode); "
-                                  "set attn_pdrop=0 or use attn_impl='torch' or 'flash'")
     dtype = triton_compute_dtype(query)
     bias = c.bias
     if bias is not None and bias.dtype == torch.float64:
@@ -284,7 +282,7 @@ def triton_flash_attn_fn(
         bias = bias.float()
     out = flash_attn_func(
         c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias, c.causal, c.softmax_scale,
-        alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask,
+        alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask, dropout_p=dropout_p if training else 0.0,
     )
     return out.flatten(2).to(query.dtype), None, c.past_key_value
 
