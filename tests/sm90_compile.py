@@ -50,9 +50,11 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 jit.JITFunction.run = _compile_only
 
 from tritonflash.kernels import Varlen, attn_bwd, attn_fwd, backward, forward  # noqa: E402
+from tritonflash.kernels.common import Features  # noqa: E402
 
 
-def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float32", seqlen=96):
+def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float32", seqlen=96, window=(-1, -1), softcap=0.0,
+             sinks=False, dropout=0.0, amask=False):
     b, s, h = 2, seqlen, 4
     hk = 2 if gqa else h
     dt = getattr(torch, dtype)
@@ -72,8 +74,12 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float3
         bias_t, rows = torch.empty(1, h, 1, s), 1
     slopes = torch.empty(1, h) if alibi else None
     mask = torch.empty(b, s, dtype=torch.uint8) if kpm else None
-    out, lse = attn_fwd(q, k, k, bias_t, slopes, mask, causal, 0.1, varlen=vl)
-    attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, bias_grad=rows > 0, varlen=vl)
+    feats = Features(window=tuple(window), softcap=softcap, sinks=torch.empty(h) if sinks else None, dropout_p=dropout,
+                     seed=torch.zeros(1, dtype=torch.int64) if dropout else None,
+                     attn_mask=torch.empty(b, 1, s, s, dtype=torch.bool) if amask else None)
+    out, lse = attn_fwd(q, k, k, bias_t, slopes, mask, causal, 0.1, varlen=vl, features=feats)
+    attn_bwd(out, q, k, k, out, lse, bias_t, slopes, mask, causal, 0.1, bias_grad=rows > 0, varlen=vl, features=feats,
+             sinks_grad=sinks)
 
 
 def _ptxas_serialises_wgmma(ptx):

@@ -35,6 +35,12 @@ VARIANTS = [
     dict(d=40, causal=False, bias="vec", alibi=True, kpm=True, gqa=True, varlen=False, dtype="float16"),
     dict(d=256, causal=True, bias="row", alibi=True, kpm=False, gqa=False, varlen=False, dtype="bfloat16"),
     dict(d=16, causal=True, bias=None, alibi=True, kpm=False, gqa=True, varlen=True, dtype="bfloat16"),
+    # Score features (issue 12): window + softcap + sinks + dropout + boolean mask with a bias
+    # gradient; a window with sinks and dropout on varlen.
+    dict(d=128, causal=True, bias="row", alibi=True, kpm=True, gqa=True, varlen=False, dtype="bfloat16", window=(64, -1),
+         softcap=30.0, sinks=True, dropout=0.1, amask=True),
+    dict(d=64, causal=False, bias=None, alibi=False, kpm=False, gqa=True, varlen=True, dtype="float16", window=(32, 16),
+         sinks=True, dropout=0.2),
 ]
 
 
