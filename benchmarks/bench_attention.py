@@ -13,6 +13,11 @@ per suite, and a table of tritonflash / peer ratios is printed last.
     PYTHONPATH=src python benchmarks/bench_attention.py                      # everything
     PYTHONPATH=src python benchmarks/bench_attention.py --suite alibi --quick
     PYTHONPATH=src python benchmarks/bench_attention.py --smoke --out /tmp/b  # CPU plumbing check
+
+The variant suites (``window``, ``softcap``, ``sinks_window``, ``dropout``) use model-like shapes
+and their own seqlens (``VARIANTS``); ``window`` and ``dropout`` also time tritonflash without
+the feature (methods ``tritonflash_full``, ``tritonflash_nodropout``) for the derived ratios
+(``derived_metrics``) that the table and the JSON's ``"derived"`` list report.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -51,8 +57,58 @@ DTYPE = torch.bfloat16
 PEERS = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
 DEFAULT_METHODS = ["tritonflash", *PEERS]
 SMOKE_METHODS = ["tritonflash", "sdpa_math"]
-SUITES = ["nobias", "alibi", "bias_grad", "gqa", "memory"]
 MEM_PASS = "fwdbwd_mem"
+UNBOUNDED = (-1, -1)  # window_size: no window
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A suite of one attention variant (issue 12) on a model-like shape."""
+
+    headdims: tuple
+    causals: tuple
+    seqlens: tuple  # the full sweep
+    quick: tuple  # --quick: one seqlen each, so that the four suites run in ~4 min on an H200 (Flex compiles per case)
+    heads: tuple | None = None  # (nheads, nheads_k); None: the protocol's 2048 / headdim, no GQA
+    tokens: int = TOKENS  # batch * seqlen
+    window: tuple = UNBOUNDED
+    softcap: float = 0.0
+    sinks: bool = False
+    dropout_p: float = 0.0
+    # --smoke: headdim 32, seqlen 64, batch 1, these heads and window (tiny, in the interpreter)
+    smoke_heads: tuple = (2, 2)
+    smoke_window: tuple = UNBOUNDED
+    smoke_causals: tuple = (True,)
+
+
+VARIANTS = {
+    # Mistral 7B: 32 query / 8 kv heads, d128, causal with a 4096-key window; 32k tokens a batch.
+    "window": Variant((128,), (True,), (4096, 8192, 16384, 32768), (32768,), heads=(32, 8), tokens=32768,
+                      window=(4096, 0), smoke_heads=(4, 1), smoke_window=(16, 0)),
+    # Gemma 2 9B: 16 query / 8 kv heads, d256, logits capped at 50 (attn_logit_softcapping).
+    "softcap": Variant((256,), (True,), (1024, 4096, 8192), (4096,), heads=(16, 8), softcap=50.0,
+                       smoke_heads=(2, 1)),
+    # gpt-oss: 64 query / 8 kv heads, d64, 128-key window, one learned fp32 sink logit per head.
+    "sinks_window": Variant((64,), (True,), (1024, 4096, 16384), (4096,), heads=(64, 8), window=(128, 0),
+                            sinks=True, smoke_heads=(4, 1), smoke_window=(8, 0)),
+    # attention dropout (MPT/BERT attn_pdrop) on the protocol's shapes.
+    "dropout": Variant((64, 128), (False, True), (1024, 4096), (4096,), dropout_p=0.1),
+}
+SUITES = ["nobias", "alibi", "bias_grad", "gqa", "memory", *VARIANTS]
+
+# tritonflash without the suite's feature, timed beside it (when tritonflash is among the
+# methods) for the derived ratios: method -> the Case fields it changes.
+BASELINES = {
+    "window": {"tritonflash_full": {"window": UNBOUNDED}},
+    "dropout": {"tritonflash_nodropout": {"dropout_p": 0.0}},
+}
+# Derived ratios (lower is better) and their targets (docs/benchmarking.md).
+WINDOW_TARGET = 1.15  # window time / (work_fraction * full causal time)
+DROPOUT_TARGET = 0.15  # dropout time / no-dropout time - 1
+SOFTCAP_LOGIT_STD = 0.3  # softcap suite: q's std, as a fraction of the cap
+# SDPA with sinks gets a (1, h, s, s + 1) mask rebuilt from the sinks every call (and a
+# gradient as large); above this it is recorded as not fitting instead of tried.
+SDPA_SINK_MASK_BYTES = 4 << 30
 
 # Correctness gate: ||x - ref|| / ||ref|| against the fp32 oracle. bf16 rounding alone gives a few
 # 1e-3; a wrong mask, bias or gradient gives far more.
@@ -66,9 +122,22 @@ BENCH_MS = {"full": (25, 100), "quick": (10, 40)}
 SMOKE_REPS = 1
 
 
+@functools.cache
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple) -> int:
+    """How many (i, j) a query sees: j in [i + sk - sq - left, i + sk - sq + right] within
+    [0, sk) (-1 = unbounded; causal means right = 0), counted exactly."""
+    left, right = window
+    if causal:
+        right = 0
+    diag = torch.arange(seqlen_q, dtype=torch.int64) + (seqlen_k - seqlen_q)
+    lo = (diag - left).clamp(min=0) if left >= 0 else torch.zeros_like(diag)
+    hi = (diag + right).clamp(max=seqlen_k - 1) if right >= 0 else torch.full_like(diag, seqlen_k - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-    suite: str  # the row's suite: nobias | alibi | bias_grad | gqa
+    suite: str  # the row's suite: nobias | alibi | bias_grad | gqa | one of VARIANTS
     headdim: int
     causal: bool
     seqlen: int
@@ -77,25 +146,65 @@ class Case:
     nheads_k: int
     bias: str  # none | alibi (slopes) | learned ((1, h, s, s) bias that requires grad)
     passes: tuple  # ("fwd", "fwdbwd") or (MEM_PASS,)
+    window: tuple = UNBOUNDED  # window_size (left, right), -1 = unbounded
+    softcap: float = 0.0
+    sinks: bool = False  # a learned (h,) fp32 sink logit that requires grad
+    dropout_p: float = 0.0
 
     @property
     def label(self) -> str:
         kv = f"/{self.nheads_k}" if self.nheads_k != self.nheads else ""
+        extra = (f" w{self.window[0]},{self.window[1]}" * (self.window != UNBOUNDED) + f" cap{self.softcap:g}" * bool(self.softcap)
+                 + " sinks" * self.sinks + f" p{self.dropout_p:g}" * bool(self.dropout_p))
         return (f"{self.suite} d{self.headdim} {'causal' if self.causal else 'full'} s{self.seqlen} "
-                f"b{self.batch} h{self.nheads}{kv}")
+                f"b{self.batch} h{self.nheads}{kv}{extra}")
+
+    @property
+    def work_fraction(self) -> float:
+        """Visible (i, j) pairs with the window / without it (same causal): the share of the
+        work a kernel that skips the blocks outside the window still has to do."""
+        if self.window == UNBOUNDED:
+            return 1.0
+        s = self.seqlen
+        return visible_pairs(s, s, self.causal, tuple(self.window)) / visible_pairs(s, s, self.causal, UNBOUNDED)
 
     def flops(self, pass_: str) -> float:
-        """flash-attn convention: 4*b*h*sq*sk*d forward, halved when causal; fwd+bwd = 3.5x."""
+        """flash-attn convention: 4*b*h*sq*sk*d forward, halved when causal; fwd+bwd = 3.5x.
+        With a window, times ``work_fraction`` (the visible pairs, counted exactly)."""
         fwd = 4.0 * self.batch * self.nheads * self.seqlen * self.seqlen * self.headdim
         if self.causal:
             fwd /= 2
+        fwd *= self.work_fraction
         return 3.5 * fwd if pass_ == "fwdbwd" else fwd
 
 
-def make_cases(suites, headdims, seqlens, smoke: bool) -> list[Case]:
-    """The protocol's cases for ``suites``; ``headdims`` (if given) overrides every suite's."""
+def method_case(case: Case, method: str) -> Case:
+    """What ``method`` computes on ``case``: the case itself, or for a baseline the case without
+    the suite's feature."""
+    changes = BASELINES.get(case.suite, {}).get(method)
+    return dataclasses.replace(case, **changes) if changes else case
+
+
+def case_methods(case: Case, methods: list[str]) -> list[str]:
+    """The methods run on ``case``: ``methods``, with the suite's baselines after tritonflash."""
+    out = []
+    for m in methods:
+        out.append(m)
+        if m == "tritonflash":
+            out += list(BASELINES.get(case.suite, {}))
+    return out
+
+
+def make_cases(suites, headdims, seqlens, smoke: bool, quick: bool = False) -> list[Case]:
+    """The protocol's cases for ``suites``; ``headdims`` (if given) overrides every suite's, and
+    ``seqlens`` (if given) every suite's own (the protocol's 1k..16k, 1k and 4k with ``quick``;
+    a variant suite's own list otherwise)."""
     cases = []
     for suite in suites:
+        if suite in VARIANTS:
+            cases += variant_cases(suite, headdims, seqlens, smoke, quick)
+            continue
+        proto = seqlens or (QUICK_SEQLENS if quick else SEQLENS)
         row_suite = "alibi" if suite == "memory" else suite
         passes = (MEM_PASS,) if suite == "memory" else ("fwd", "fwdbwd")
         bias = {"alibi": "alibi", "bias_grad": "learned"}.get(row_suite, "none")
@@ -106,9 +215,9 @@ def make_cases(suites, headdims, seqlens, smoke: bool) -> list[Case]:
         else:
             dims = {"alibi": [128], "bias_grad": [64]}.get(row_suite, [64, 128])
             causals = [False, True]
-            lens = [s for s in seqlens if row_suite != "bias_grad" or s <= BIAS_GRAD_MAX_SEQLEN]
+            lens = [s for s in proto if row_suite != "bias_grad" or s <= BIAS_GRAD_MAX_SEQLEN]
             if not lens:
-                print(f"note: suite {suite} has no seqlen in {seqlens} (it runs at <= {BIAS_GRAD_MAX_SEQLEN})")
+                print(f"note: suite {suite} has no seqlen in {proto} (it runs at <= {BIAS_GRAD_MAX_SEQLEN})")
         if row_suite == "alibi":
             causals = [True]
         for d in headdims or dims:
@@ -123,6 +232,26 @@ def make_cases(suites, headdims, seqlens, smoke: bool) -> list[Case]:
     return cases
 
 
+def variant_cases(suite, headdims, seqlens, smoke: bool, quick: bool) -> list[Case]:
+    v = VARIANTS[suite]
+    if smoke:
+        dims, causals, lens = [32], v.smoke_causals, [64]
+    else:
+        dims, causals, lens = v.headdims, v.causals, list(seqlens or (v.quick if quick else v.seqlens))
+    cases = []
+    for d in headdims or dims:
+        for causal in causals:
+            for s in lens:
+                if smoke:
+                    batch, (nheads, nheads_k), window = 1, v.smoke_heads, v.smoke_window
+                else:
+                    batch, window = max(1, v.tokens // s), v.window
+                    nheads, nheads_k = v.heads or (max(1, HEADS_X_HEADDIM // d),) * 2
+                cases.append(Case(suite, d, causal, s, batch, nheads, nheads_k, "none", ("fwd", "fwdbwd"), window=window,
+                                  softcap=v.softcap, sinks=v.sinks, dropout_p=v.dropout_p))
+    return cases
+
+
 @dataclasses.dataclass
 class Inputs:
     q: torch.Tensor  # (b, s, h, d), requires grad
@@ -131,11 +260,12 @@ class Inputs:
     dout: torch.Tensor  # (b, s, h, d)
     slopes: torch.Tensor | None  # (h,) fp32, ALiBi
     bias: torch.Tensor | None  # (1, h, s, s) bf16, learned, requires grad
+    sinks: torch.Tensor | None = None  # (h,) fp32, learned, requires grad
 
     @property
     def wrt(self) -> list[torch.Tensor]:
-        """What fwd+bwd differentiates: q, k, v, and the learned bias when there is one."""
-        return [self.q, self.k, self.v] + ([self.bias] if self.bias is not None else [])
+        """What fwd+bwd differentiates: q, k, v, then the learned bias and the sinks when there are."""
+        return [self.q, self.k, self.v] + [t for t in (self.bias, self.sinks) if t is not None]
 
 
 def make_inputs(case: Case, device) -> Inputs:
@@ -148,10 +278,17 @@ def make_inputs(case: Case, device) -> Inputs:
         return torch.randn(*shape, generator=gen, device=device, dtype=DTYPE).requires_grad_(grad)
 
     q, k, v = randn(b, s, h, d), randn(b, s, hk, d), randn(b, s, hk, d)
+    if case.softcap:
+        # Scaled logits of std 0.3 * softcap (15 at 50), so that the cap changes them (a kernel
+        # that ignored it would fail the gate); unit logits would be capped by < 0.1%.
+        q = q.detach().mul_(SOFTCAP_LOGIT_STD * case.softcap).requires_grad_(True)
     dout = randn(b, s, h, d, grad=False)
     slopes = tritonflash.gen_slopes(h, device=device) if case.bias == "alibi" else None
     bias = randn(1, h, s, s) if case.bias == "learned" else None
-    return Inputs(q, k, v, dout, slopes, bias)
+    sinks = None
+    if case.sinks:
+        sinks = torch.randn(h, generator=gen, device=device, dtype=torch.float32).requires_grad_(True)
+    return Inputs(q, k, v, dout, slopes, bias, sinks)
 
 
 class Unsupported(Exception):
@@ -160,21 +297,51 @@ class Unsupported(Exception):
 
 @dataclasses.dataclass
 class Runner:
-    fn: Callable[[], torch.Tensor]  # forward on the case's inputs -> out (b, s, h, d)
+    # forward on the case's inputs -> out (b, s, h, d); reads x.q, x.k, x.v when called (the
+    # dropout gate swaps them)
+    fn: Callable[[], torch.Tensor]
     ref_bias: torch.Tensor | None = None  # the bias the method was given, for the oracle
     ref_slopes: torch.Tensor | None = None  # the ALiBi slopes the method was given
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    case: Case | None = None  # what it computes when that is not the row's case (baselines)
+
+
+def tritonflash_features(case: Case, x: Inputs) -> dict:
+    """The keyword arguments of the case's variant features (none for the protocol's suites)."""
+    kw = {}
+    if case.window != UNBOUNDED:
+        kw["window_size"] = tuple(case.window)
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.sinks:
+        kw["sinks"] = x.sinks
+    if case.dropout_p:
+        kw["dropout_p"] = case.dropout_p
+    return kw
 
 
 def build_tritonflash(case: Case, x: Inputs) -> Runner:
     import tritonflash
 
     bias = x.bias if case.bias == "learned" else None
+    features = tritonflash_features(case, x)
 
     def fn():
-        return tritonflash.flash_attn_func(x.q, x.k, x.v, bias, case.causal, alibi_slopes=x.slopes)
+        return tritonflash.flash_attn_func(x.q, x.k, x.v, bias, case.causal, alibi_slopes=x.slopes, **features)
 
     return Runner(fn, ref_bias=bias, ref_slopes=x.slopes)
+
+
+def baseline_builder(method: str) -> Callable[[Case, Inputs], Runner]:
+    """tritonflash on the case without the suite's feature (BASELINES), on the same inputs."""
+
+    def build(case: Case, x: Inputs) -> Runner:
+        sem = method_case(case, method)
+        runner = build_tritonflash(sem, x)
+        runner.case = sem
+        return runner
+
+    return build
 
 
 def alibi_mask(slopes, seqlen_q, seqlen_k, causal, dtype) -> torch.Tensor:
@@ -201,17 +368,54 @@ def causal_additive_mask(seqlen_q, seqlen_k, device, dtype) -> torch.Tensor:
     return zeros.masked_fill_(j > i + (seqlen_k - seqlen_q), float("-inf"))  # [sq, sk]
 
 
+def visible_mask(seqlen_q, seqlen_k, causal, window, device) -> torch.Tensor:
+    """[sq, sk] bool, True where query i sees key j (bottom-right causal and window)."""
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device).view(-1, 1) + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device).view(1, -1)
+    vis = torch.ones(seqlen_q, seqlen_k, device=device, dtype=torch.bool)
+    if right >= 0:
+        vis &= j <= i + right
+    if left >= 0:
+        vis &= j >= i - left
+    return vis
+
+
+def window_additive_mask(seqlen_q, seqlen_k, causal, window, device, dtype) -> torch.Tensor:
+    """[sq, sk]: 0 where visible, -inf elsewhere (what SDPA users pass for a sliding window)."""
+    vis = visible_mask(seqlen_q, seqlen_k, causal, window, device)
+    return torch.zeros(seqlen_q, seqlen_k, device=device, dtype=dtype).masked_fill_(~vis, float("-inf"))
+
+
 def sdpa_builder(backend_name: str) -> Callable[[Case, Inputs], Runner]:
     def build(case: Case, x: Inputs) -> Runner:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, backend_name)
-        if case.bias != "none" and backend_name == "FLASH_ATTENTION":
-            raise Unsupported("SDPA's flash backend takes no attn_mask, so it cannot add a bias")
+        if case.softcap:
+            raise Unsupported("SDPA has no softcap: the tanh acts on the scores inside the kernel, which no attn_mask "
+                              "can express")
+        if backend_name == "FLASH_ATTENTION":
+            for needed, what in ((case.bias != "none", "add a bias"), (case.sinks, "add a sink logit"),
+                                 (case.window != UNBOUNDED, "apply a sliding window")):
+                if needed:
+                    raise Unsupported(f"SDPA's flash backend takes no attn_mask, so it cannot {what}")
         s = case.seqlen
         runner = Runner(fn=None, context=lambda: sdpa_kernel(backend))
-        if case.bias == "alibi":
+        extra = {"enable_gqa": True} if case.nheads_k != case.nheads else {}
+        if case.dropout_p:
+            extra["dropout_p"] = case.dropout_p
+        if case.sinks:
+            runner.fn = sdpa_sinks_fn(case, x, extra)
+            return runner
+        if case.window != UNBOUNDED:
+            # The window as a materialised mask, built before timing (SDPA takes no window).
+            wmask = window_additive_mask(s, s, case.causal, case.window, x.q.device, DTYPE).view(1, 1, s, s)
+            get_mask = lambda: wmask
+        elif case.bias == "alibi":
             mask = alibi_mask(x.slopes, s, s, case.causal, DTYPE)
             runner.ref_bias = mask
             get_mask = lambda: mask
@@ -222,7 +426,6 @@ def sdpa_builder(backend_name: str) -> Callable[[Case, Inputs], Runner]:
             get_mask = (lambda: x.bias) if cmask is None else (lambda: x.bias + cmask)
         else:
             get_mask = lambda: None
-        extra = {"enable_gqa": True} if case.nheads_k != case.nheads else {}
 
         def fn():
             mask = get_mask()
@@ -238,7 +441,34 @@ def sdpa_builder(backend_name: str) -> Callable[[Case, Inputs], Runner]:
     return build
 
 
+def sdpa_sinks_fn(case: Case, x: Inputs, extra: dict) -> Callable[[], torch.Tensor]:
+    """SDPA with sinks, the way it can be written: one more key with k = 0 and v = 0 (score 0,
+    no value) whose mask entry is ``sinks[h]``, so that it takes ``exp(sinks[h])`` in each row's
+    normaliser; the (1, h, s, s + 1) mask is rebuilt from the sinks (which require grad) every
+    call, inside the timed call, and its gradient gives dsinks."""
+    b, s, h, hk, d = case.batch, case.seqlen, case.nheads, case.nheads_k, case.headdim
+    mask_bytes = h * s * (s + 1) * torch.finfo(DTYPE).bits // 8
+    if mask_bytes > SDPA_SINK_MASK_BYTES:
+        raise Unsupported(f"SDPA with sinks needs a (1, {h}, {s}, {s + 1}) mask ({mask_bytes / 2**30:.0f} GiB, and as much "
+                          f"for its gradient); not tried above {SDPA_SINK_MASK_BYTES / 2**30:.0f} GiB")
+    import torch.nn.functional as F
+
+    wmask = window_additive_mask(s, s, case.causal, case.window, x.q.device, DTYPE).view(1, 1, s, s)
+    zero_kv = torch.zeros(b, 1, hk, d, device=x.q.device, dtype=DTYPE)
+
+    def fn():
+        k = torch.cat([x.k, zero_kv], dim=1).transpose(1, 2)
+        v = torch.cat([x.v, zero_kv], dim=1).transpose(1, 2)
+        sink_col = x.sinks.to(DTYPE).view(1, h, 1, 1).expand(1, h, s, 1)
+        mask = torch.cat([wmask.expand(1, h, s, s), sink_col], dim=-1)
+        out = F.scaled_dot_product_attention(x.q.transpose(1, 2), k, v, attn_mask=mask, **extra)
+        return out.transpose(1, 2)
+
+    return fn
+
+
 _FLEX = None
+_FLEX_SINKS = None
 
 
 def compiled_flex():
@@ -258,14 +488,55 @@ def compiled_flex():
     return _FLEX
 
 
+def flex_with_sinks(q, k, v, sinks, score_mod=None, block_mask=None, **extra):
+    """Flex has no sink logit: take its lse and rescale its output by
+    ``exp(lse) / (exp(lse) + exp(sinks[h])) = sigmoid(lse - sinks[h])``; the gradient reaches the
+    sinks (and q, k through the lse) by autograd. Compiled as one function (``compiled_flex_sinks``)
+    so that the rescale fuses."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # older torch
+        out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True, **extra)
+    else:
+        out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
+        lse = aux.lse
+    keep = torch.sigmoid(lse.float() - sinks.view(1, -1, 1))  # (b, h, sq)
+    return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
+
+
+def compiled_flex_sinks():
+    global _FLEX_SINKS
+    if _FLEX_SINKS is None:
+        compiled_flex()  # the recompile limits
+        _FLEX_SINKS = torch.compile(flex_with_sinks, dynamic=False)
+    return _FLEX_SINKS
+
+
 def build_flex(case: Case, x: Inputs) -> Runner:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    flex = compiled_flex()
+    if case.dropout_p:
+        raise Unsupported("FlexAttention has no dropout: score_mod and mask_mod act before the softmax, and it has no "
+                          "random state")
     s = case.seqlen
-    offset = 0  # seqlen_k - seqlen_q: causal and ALiBi are aligned bottom-right
+    offset = 0  # seqlen_k - seqlen_q: causal, window and ALiBi are aligned bottom-right
     block_mask = None
-    if case.causal:
+    if case.window != UNBOUNDED:
+        left, right = case.window
+        right = 0 if case.causal else right
+
+        def window_mask(b, h, q_idx, kv_idx):
+            diag = q_idx + offset
+            if left < 0:
+                return kv_idx <= diag + right
+            if right < 0:
+                return kv_idx >= diag - left
+            return (kv_idx <= diag + right) & (kv_idx >= diag - left)
+
+        block_mask = create_block_mask(window_mask, None, None, s, s, device=x.q.device)
+    elif case.causal:
         def causal_mask(b, h, q_idx, kv_idx):
             return q_idx + offset >= kv_idx
 
@@ -282,7 +553,22 @@ def build_flex(case: Case, x: Inputs) -> Runner:
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[0, h, q_idx, kv_idx]
+    elif case.softcap:
+        cap = case.softcap  # Flex's score is already scaled: Gemma 2's cap(scale * q.k)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
     extra = {"enable_gqa": True} if case.nheads_k != case.nheads else {}
+    if case.sinks:
+        flex_sinks = compiled_flex_sinks()
+
+        def fn():
+            out = flex_sinks(x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2), x.sinks,
+                             score_mod=score_mod, block_mask=block_mask, **extra)
+            return out.transpose(1, 2)
+
+        return Runner(fn, ref_bias=ref_bias, ref_slopes=x.slopes)
+    flex = compiled_flex()
 
     def fn():
         out = flex(x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2),
@@ -300,6 +586,7 @@ BUILDERS: dict[str, Callable[[Case, Inputs], Runner]] = {
     "sdpa_math": sdpa_builder("MATH"),
     "flex": build_flex,
 }
+BASELINE_BUILDERS = {m: baseline_builder(m) for by_method in BASELINES.values() for m in by_method}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -310,49 +597,120 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_slice(case: Case, all_batches: bool):
-    """(batch, q-head, kv-head) slices the oracle checks: batch 0 (or every batch when the bias
-    gradient sums over them) and the first 1-2 query heads with the kv heads they read."""
-    per_head = (case.batch if all_batches else 1) * case.seqlen * case.seqlen * 4
-    hs = max(1, min(2, case.nheads, REF_SCORE_BYTES // per_head))
+    """(batch, q-head, kv-head, query-row) slices the oracle checks: batch 0 (or every batch when a
+    bias or sinks gradient sums over them), the first 1-2 query heads with the kv heads they read,
+    and every query row up to 16k; beyond, the last rows, as many as keep one head's fp32 scores
+    within REF_SCORE_BYTES (the last rows against all the keys keep the bottom-right alignment of
+    causal, window and ALiBi exact)."""
+    row_bytes = (case.batch if all_batches else 1) * case.seqlen * 4
+    rows = max(1, min(case.seqlen, REF_SCORE_BYTES // row_bytes))
+    hs = max(1, min(2, case.nheads, REF_SCORE_BYTES // (rows * row_bytes)))
     hks = (hs - 1) // (case.nheads // case.nheads_k) + 1
-    return slice(None) if all_batches else slice(0, 1), slice(0, hs), slice(0, hks)
+    bsl = slice(None) if all_batches else slice(0, 1)
+    return bsl, slice(0, hs), slice(0, hks), slice(case.seqlen - rows, case.seqlen)
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def reveal_keep_mask(case: Case, runner: Runner, x: Inputs, rng, bsl, hsl, rsl):
+    """The dropout keep-mask (bool, (b, h, rows, sk) on the checked slice) that the method drew in
+    the call that started from RNG state ``rng``, and an error string or None.
+
+    The mask of tritonflash (and of SDPA) is a function of the generator state at the call and of
+    the position, not of q, k, v: the call is repeated from ``rng`` with q = 0 (uniform weights
+    1 / n_i over the visible keys of row i) and v one-hot over d keys at a time, so that
+    out[i, c] = keep[i, j0 + c] / ((1 - p) n_i), exactly 0 where dropped. The error is set when the
+    kept share of the visible weights is not within 6 sigma of 1 - p (no dropout, or the wrong p)."""
+    q, v = x.q, x.v
+    s, d = v.shape[1], v.shape[3]
+    chunks = []
+    try:
+        x.q = torch.zeros_like(q).requires_grad_(q.requires_grad)
+        for j0 in range(0, s, d):
+            w = min(d, s - j0)
+            one_hot = torch.zeros_like(v)
+            one_hot[:, j0:j0 + w, :, :w] = torch.eye(w, device=v.device, dtype=v.dtype)[:, None, :]
+            x.v = one_hot.requires_grad_(v.requires_grad)
+            set_rng_state(rng, q.device)
+            with runner.context():
+                out = runner.fn()
+            chunks.append((out[bsl, rsl, hsl, :w] > 0).transpose(1, 2))
+            del out
+    finally:
+        x.q, x.v = q, v
+    keep = torch.cat(chunks, dim=-1)
+    vis = visible_mask(case.seqlen, case.seqlen, case.causal, case.window, keep.device)[rsl]
+    n = int(vis.sum()) * keep.shape[0] * keep.shape[1]
+    kept = keep[:, :, vis].float().mean().item()
+    p = case.dropout_p
+    tol = 6 * math.sqrt(p * (1 - p) / max(n, 1)) + 1e-3
+    if abs(kept - (1 - p)) > tol:
+        return keep, f"dropout kept {kept:.4f} of the visible weights, expected {1 - p:g} +- {tol:.1e}"
+    return keep, None
 
 
 def check(case: Case, runner: Runner, x: Inputs, pass_: str) -> str | None:
-    """Run the method once on the full case and compare a slice of its output (and dq, dbias for
-    fwd+bwd) with attention_ref in fp32 on the same slice of the same inputs.
+    """Run the method once on the full case and compare a slice of its output (and dq, dbias,
+    dsinks for fwd+bwd) with attention_ref in fp32 on the same slice of the same inputs; with
+    dropout, the oracle applies the keep-mask the method drew (``reveal_keep_mask``).
     Returns None when it passes, else the error string for the row."""
     from tritonflash import attention_ref
 
+    sem = runner.case or case  # what the method computes (a baseline drops the suite's feature)
     bwd = pass_ != "fwd"
     learned = bwd and x.bias is not None
+    sinks_grad = bwd and x.sinks is not None and sem.sinks
+    rng = rng_state(x.q.device) if sem.dropout_p else None
     with runner.context():
         out = runner.fn()
         grads = torch.autograd.grad(out, x.wrt, x.dout) if bwd else None
-    bsl, hsl, ksl = check_slice(case, all_batches=learned)
+    bsl, hsl, ksl, rsl = check_slice(case, all_batches=learned or sinks_grad)
+    all_rows = rsl.start == 0
+    keep = None
+    if sem.dropout_p:
+        keep, error = reveal_keep_mask(sem, runner, x, rng, bsl, hsl, rsl)
+        if error:
+            return f"failed correctness check: {error}"
 
     def leaf(t, *idx):
         return t[idx].detach().float().requires_grad_(True)
 
     def cut_bias(t):  # bias broadcastable to (b, h, sq, sk): slice the dims it has
-        return t[bsl if t.shape[0] > 1 else slice(None), hsl if t.shape[1] > 1 else slice(None)]
+        return t[bsl if t.shape[0] > 1 else slice(None), hsl if t.shape[1] > 1 else slice(None),
+                 rsl if t.shape[2] > 1 else slice(None)]
 
-    q_s, k_s, v_s = leaf(x.q, bsl, slice(None), hsl), leaf(x.k, bsl, slice(None), ksl), leaf(x.v, bsl, slice(None), ksl)
+    q_s, k_s, v_s = leaf(x.q, bsl, rsl, hsl), leaf(x.k, bsl, slice(None), ksl), leaf(x.v, bsl, slice(None), ksl)
     bias_s = None if runner.ref_bias is None else cut_bias(runner.ref_bias).detach().float().requires_grad_(learned)
     slopes_s = None if runner.ref_slopes is None else runner.ref_slopes[hsl]
-    out_ref = attention_ref(q_s, k_s, v_s, bias_s, case.causal, alibi_slopes=slopes_s, upcast=True)
-    errs = {"out": rel_err(out[bsl, :, hsl], out_ref)}
+    sinks_s = x.sinks[hsl].detach().float().requires_grad_(sinks_grad) if sem.sinks else None
+    out_ref = attention_ref(q_s, k_s, v_s, bias_s, sem.causal, alibi_slopes=slopes_s, upcast=True,
+                            window_size=tuple(sem.window), softcap=sem.softcap, sinks=sinks_s, dropout_p=sem.dropout_p,
+                            dropout_mask=keep)
+    errs = {"out": rel_err(out[bsl, rsl, hsl], out_ref)}
     del out
     if bwd:
-        wrt_ref = [q_s] + ([bias_s] if learned else [])
-        g_ref = torch.autograd.grad(out_ref, wrt_ref, x.dout[bsl, :, hsl])
-        errs["dq"] = rel_err(grads[0][bsl, :, hsl], g_ref[0])
+        wrt_ref = [q_s] + ([bias_s] if learned else []) + ([sinks_s] if sinks_grad else [])
+        g_ref = torch.autograd.grad(out_ref, wrt_ref, x.dout[bsl, rsl, hsl])
+        errs["dq"] = rel_err(grads[0][bsl, rsl, hsl], g_ref[0])
         if learned:
-            errs["dbias"] = rel_err(cut_bias(grads[-1]), g_ref[1])
+            errs["dbias"] = rel_err(cut_bias(grads[3]), g_ref[1])
+        if sinks_grad and all_rows:  # dsinks sums over every row: only a full-row slice has it
+            errs["dsinks"] = rel_err(grads[-1][hsl], g_ref[-1])
     bad = [f"{name} rel err {e:.2e}" for name, e in errs.items() if not e <= REL_TOL]
     if not bad:
         return None
-    where = f"batch {'all' if learned else 0}, heads 0-{hsl.stop - 1}"
+    where = f"batch {'all' if bsl.start is None else 0}, heads 0-{hsl.stop - 1}"
+    if not all_rows:
+        where += f", query rows {rsl.start}-{rsl.stop - 1}"
     return f"failed correctness check: {', '.join(bad)} > {REL_TOL:g} vs fp32 attention_ref ({where})"
 
 
@@ -407,8 +765,20 @@ def describe(exc: BaseException) -> str:
 
 
 def row_head(case: Case, pass_: str, method: str) -> dict:
-    return {"suite": case.suite, "headdim": case.headdim, "causal": case.causal, "seqlen": case.seqlen,
-            "pass": pass_, "method": method}
+    row = {"suite": case.suite, "headdim": case.headdim, "causal": case.causal, "seqlen": case.seqlen,
+           "pass": pass_, "method": method}
+    if case.suite in VARIANTS:  # the shape and the features this method ran (a baseline lacks one)
+        sem = method_case(case, method)
+        row.update(batch=case.batch, nheads=case.nheads, nheads_k=case.nheads_k)
+        if sem.window != UNBOUNDED:
+            row.update(window=list(sem.window), work_fraction=float(f"{sem.work_fraction:.6g}"))
+        if sem.softcap:
+            row["softcap"] = sem.softcap
+        if sem.sinks:
+            row["sinks"] = True
+        if sem.dropout_p:
+            row["dropout_p"] = sem.dropout_p
+    return row
 
 
 def error_row(case: Case, pass_: str, method: str, error: str) -> dict:
@@ -424,7 +794,7 @@ def run_method(case: Case, method: str, x: Inputs, on_cuda: bool, budget) -> lis
     runner = None
     try:
         alloc0 = torch.cuda.memory_allocated() if on_cuda else 0
-        runner = BUILDERS[method](case, x)
+        runner = (BUILDERS.get(method) or BASELINE_BUILDERS[method])(case, x)
         setup_bytes = (torch.cuda.memory_allocated() - alloc0) if on_cuda else 0
     except Exception as exc:  # a peer that cannot run a case is a row, not a crash
         msg = str(exc) if isinstance(exc, Unsupported) else describe(exc)
@@ -458,7 +828,7 @@ def measure(case, method, runner, x, pass_, on_cuda, budget, setup_bytes) -> dic
             return {**row_head(case, pass_, method), "bytes": peak_fwdbwd_bytes(runner, x, setup_bytes), "setup_bytes": setup_bytes}
         fn = runner.fn if pass_ == "fwd" else fwdbwd(runner, x)
         ms = time_ms(fn, runner.context, on_cuda, budget)
-        tflops = case.flops(pass_) / (ms * 1e-3) / 1e12
+        tflops = (runner.case or case).flops(pass_) / (ms * 1e-3) / 1e12
         return {**row_head(case, pass_, method), "ms": float(f"{ms:.4g}"), "tflops": float(f"{tflops:.4g}")}
     except Exception as exc:  # OOM, compile failure, unsupported kernel: one row
         return error_row(case, pass_, method, describe(exc))
@@ -514,13 +884,54 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in old if key(r) not in fresh] + new
 
 
+def derived_metrics(rows: list[dict]) -> list[dict]:
+    """The variant suites' ratios of tritonflash to itself, per (case, pass):
+
+    - ``window``: ``window_vs_full`` = time with the window / (``work_fraction`` x time of the same
+      shape without it, ``tritonflash_full``): 1.0 when the time is proportional to the visible
+      pairs; target <= WINDOW_TARGET.
+    - ``dropout``: ``dropout_cost`` = time with dropout / time without (``tritonflash_nodropout``)
+      - 1; target <= DROPOUT_TARGET.
+
+    ``value`` is null (with an ``error``) when either time is missing."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["suite"] in ("window", "dropout") and r["pass"] != MEM_PASS:
+            cases.setdefault(tuple(r[k] for k in ROW_KEY[:5]), {})[r["method"]] = r
+    out = []
+    for key, by in cases.items():
+        suite = key[0]
+        ours = by.get("tritonflash", {})
+        if suite == "window":
+            base = by.get("tritonflash_full", {})
+            frac = ours.get("work_fraction")
+            entry = {"metric": "window_vs_full", "work_fraction": frac, "target_max": WINDOW_TARGET}
+            value = ours["ms"] / (base["ms"] * frac) if ours.get("ms") and base.get("ms") and frac else None
+        else:
+            base = by.get("tritonflash_nodropout", {})
+            entry = {"metric": "dropout_cost", "target_max": DROPOUT_TARGET}
+            value = ours["ms"] / base["ms"] - 1 if ours.get("ms") and base.get("ms") else None
+        row = dict(zip(ROW_KEY[:5], key))
+        row.update(entry)
+        row["ms"] = ours.get("ms")
+        row["baseline_ms"] = base.get("ms")
+        row["value"] = None if value is None else float(f"{value:.4g}")
+        row["met"] = None if value is None else value <= entry["target_max"]
+        if value is None:
+            row["error"] = "no time for tritonflash or its baseline (see their rows)"
+        out.append(row)
+    return out
+
+
 def write_json(path: Path, meta: dict, rows: list[dict]):
     path.parent.mkdir(parents=True, exist_ok=True)
     # One row per line: readable, and diffs of a re-run show which numbers moved.
     head = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items())
     body = ",\n  ".join(json.dumps(r) for r in rows)
+    derived = derived_metrics(rows)  # recomputed from every row, so merged runs stay consistent
+    tail = "".join(f",\n  {json.dumps(r)}" for r in derived).lstrip(",")
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(f"{{{head},\n \"rows\": [\n  {body}\n ]}}\n")
+    tmp.write_text(f"{{{head},\n \"rows\": [\n  {body}\n ],\n \"derived\": [{tail}\n ]}}\n")
     tmp.replace(path)
 
 
@@ -594,12 +1005,13 @@ def ratio_table(rows: list[dict], methods: list[str]) -> str:
     cases: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cases.setdefault((r["suite"], r["headdim"], r["causal"], r["seqlen"], r["pass"]), {})[r["method"]] = r
-    head = f"{'suite':<10}{'d':>4} {'causal':<7}{'seqlen':>7} {'pass':<11}"
+    width = max([10] + [len(k[0]) + 1 for k in cases])
+    head = f"{'suite':<{width}}{'d':>4} {'causal':<7}{'seqlen':>7} {'pass':<11}"
     lines = ["tritonflash TFLOP/s and tritonflash / peer TFLOP/s (>1: tritonflash faster; err: no number)",
              head + f"{'tritonflash':>12}" + "".join(f"{p:>15}" for p in peers)]
     mem_lines = []
     for (suite, d, causal, s, pass_), by in cases.items():
-        prefix = f"{suite:<10}{d:>4} {causal!s:<7}{seqlen_label(s):>7} {pass_:<11}"
+        prefix = f"{suite:<{width}}{d:>4} {causal!s:<7}{seqlen_label(s):>7} {pass_:<11}"
         if pass_ == MEM_PASS:
             cells = [by.get(m, {}).get("bytes") for m in methods]
             mem_lines.append(prefix + "".join(f"{'err' if c is None else f'{c / 2**30:.2f}':>15}" for c in cells))
@@ -611,8 +1023,25 @@ def ratio_table(rows: list[dict], methods: list[str]) -> str:
             cells.append(f"{'err' if ours is None or not theirs else f'{ours / theirs:.3g}x':>15}")
         lines.append(prefix + "".join(cells))
     if mem_lines:
-        lines += ["", "peak fwd+bwd memory, GiB", f"{'':<41}" + "".join(f"{m:>15}" for m in methods)]
+        lines += ["", "peak fwd+bwd memory, GiB", f"{'':<{len(head)}}" + "".join(f"{m:>15}" for m in methods)]
         lines += mem_lines
+    derived = derived_metrics(rows)
+    titles = {
+        "window_vs_full": f"window: tritonflash time / (work_fraction x its time without the window) "
+                          f"(1.0: proportional to the visible pairs; target <= {WINDOW_TARGET:g})",
+        "dropout_cost": f"dropout: tritonflash time with dropout / without - 1 (target <= {DROPOUT_TARGET:.0%})",
+    }
+    for metric, title in titles.items():
+        sel = [r for r in derived if r["metric"] == metric]
+        if not sel:
+            continue
+        lines += ["", title, head + f"{'fraction':>10}{'ms':>10}{'base ms':>10}{'value':>10}  met"]
+        for r in sel:
+            frac = f"{r['work_fraction']:.4f}" if r.get("work_fraction") else "-"
+            value = "err" if r["value"] is None else (f"{r['value']:.3f}" if metric == "window_vs_full" else f"{r['value']:+.1%}")
+            met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+            lines.append(f"{r['suite']:<{width}}{r['headdim']:>4} {r['causal']!s:<7}{seqlen_label(r['seqlen']):>7} "
+                         f"{r['pass']:<11}{frac:>10}{r['ms'] or 'err'!s:>10}{r['baseline_ms'] or 'err'!s:>10}{value:>10}  {met}")
     return "\n".join(lines)
 
 
@@ -632,8 +1061,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="append", help=f"{', '.join(SUITES)} or all; repeatable or comma list (default all)")
     p.add_argument("--headdim", action="append", help="head dims, overriding each suite's (comma list)")
-    p.add_argument("--seqlens", action="append", help="e.g. 1k,4k,16k (default 1k..16k)")
-    p.add_argument("--quick", action="store_true", help="seqlens 1k and 4k, shorter do_bench")
+    p.add_argument("--seqlens", action="append",
+                   help="e.g. 1k,4k,16k, overriding every suite's own (default 1k..16k; the variant suites have their own)")
+    p.add_argument("--quick", action="store_true",
+                   help="seqlens 1k and 4k (the variant suites: their quick list), shorter do_bench")
     p.add_argument("--methods", action="append",
                    help=f"comma list of {', '.join(BUILDERS)} (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; build/bench_smoke with --smoke)")
@@ -645,7 +1076,7 @@ def parse_args(argv):
     args.suites = SUITES if "all" in suites else suites
     args.methods = parse_list(args.methods, str.strip) or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
     args.headdims = parse_list(args.headdim, int)
-    args.seqlens = parse_list(args.seqlens, parse_seqlen) or (QUICK_SEQLENS if args.quick else SEQLENS)
+    args.seqlens = parse_list(args.seqlens, parse_seqlen)  # empty: each suite's own
     for name, got, allowed in (("suite", args.suites, SUITES), ("method", args.methods, list(BUILDERS))):
         unknown = [g for g in got if g not in allowed]
         if unknown:
@@ -668,7 +1099,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else (ROOT / "build" / "bench_smoke" if args.smoke else ROOT / "benchmarks" / "results")
     path = out_dir / f"{short}.json"
     budget = BENCH_MS["quick" if args.quick else "full"]
-    cases = make_cases(args.suites, args.headdims, args.seqlens, args.smoke)
+    cases = make_cases(args.suites, args.headdims, args.seqlens, args.smoke, args.quick)
     print(f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(f"{len(cases)} cases x {len(args.methods)} methods -> {path}", flush=True)
 
@@ -677,7 +1108,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for case in cases:
         x = make_inputs(case, device)
-        for method in args.methods:
+        for method in case_methods(case, args.methods):
             rows = run_method(case, method, x, on_cuda, budget)
             new_rows += rows
             for r in rows:
@@ -703,7 +1134,8 @@ def main(argv=None) -> int:
         print(f"wrote {png}")
     print(f"wrote {path}\n")
     print(ratio_table(new_rows, args.methods))
-    ours_failed = [r for r in new_rows if r["method"] == "tritonflash" and str(r.get("error", "")).startswith("failed correctness")]
+    ours_failed = [r for r in new_rows if r["method"].startswith("tritonflash")
+                   and str(r.get("error", "")).startswith("failed correctness")]
     if ours_failed:
         print(f"\n{len(ours_failed)} tritonflash row(s) failed the correctness check", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ JSON and plot code as a GPU run, at tiny sizes (tritonflash through the Triton i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,8 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_attention.py"
-ROW_SUITES = {"nobias", "alibi", "bias_grad", "gqa"}
+VARIANT_SUITES = {"window", "softcap", "sinks_window", "dropout"}
+ROW_SUITES = {"nobias", "alibi", "bias_grad", "gqa"} | VARIANT_SUITES
 SMOKE_METHODS = ["tritonflash", "sdpa_math", "sdpa_flash"]
+BASELINES = ["tritonflash_full", "tritonflash_nodropout"]  # timed beside tritonflash in window / dropout
 
 
 def load_bench():
@@ -72,19 +75,30 @@ def check_schema(data, methods):
     "CPU-tier check of the CLI in the interpreter; the GPU machines run the real benchmark, and their "
     "numpy (>= 2.4) breaks Triton 3.6's interpreter (int() of 1-element arrays)"))
 def test_smoke_cli_writes_results(tmp_path):
-    """The CLI end to end: every suite, a JSON in the documented format, a plot per suite."""
+    """The CLI end to end: every suite (the variant suites with their baselines and derived
+    ratios), a JSON in the documented format, a plot per suite."""
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", ",".join(SMOKE_METHODS)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "cpu_smoke.json").read_text())
-    check_schema(data, SMOKE_METHODS)
+    check_schema(data, SMOKE_METHODS + BASELINES)
     rows = data["rows"]
     assert {r["suite"] for r in rows} == ROW_SUITES
-    assert {r["method"] for r in rows} == set(SMOKE_METHODS)
-    timed = [r for r in rows if r["pass"] != "fwdbwd_mem" and r["method"] != "sdpa_flash"]
+    assert {r["method"] for r in rows} == set(SMOKE_METHODS + BASELINES)
+    assert {r["suite"] for r in rows if r["method"] == "tritonflash_full"} == {"window"}
+    assert {r["suite"] for r in rows if r["method"] == "tritonflash_nodropout"} == {"dropout"}
+    # SDPA has no softcap: a recorded reason, not an attempt.
+    sdpa_cap = [r for r in rows if r["suite"] == "softcap" and r["method"].startswith("sdpa")]
+    assert sdpa_cap and all("softcap" in r["error"] for r in sdpa_cap)
+    timed = [r for r in rows if r["pass"] != "fwdbwd_mem" and r["method"] != "sdpa_flash" and r not in sdpa_cap]
     assert timed and all(r.get("error") is None for r in timed), [r for r in timed if r.get("error")]
+    derived = {(r["suite"], r["pass"]): r for r in data["derived"]}
+    assert set(derived) == {(s, p) for s in ("window", "dropout") for p in ("fwd", "fwdbwd")}
+    assert all(r["value"] is not None and isinstance(r["met"], bool) for r in derived.values()), derived
+    assert 0 < derived["window", "fwd"]["work_fraction"] < 1
+    assert "work_fraction x its time without the window" in proc.stdout and "dropout: tritonflash time" in proc.stdout
     # SDPA's flash backend takes no mask: the bias suites record that instead of a number.
     flash_bias = [r for r in rows if r["method"] == "sdpa_flash" and r["suite"] in ("alibi", "bias_grad")]
     assert flash_bias and all("attn_mask" in r["error"] for r in flash_bias)
@@ -143,6 +157,60 @@ def test_sdpa_alibi_mask_matches_the_reference_bias():
     upper = torch.ones(48, 48, dtype=torch.bool).triu(1)
     assert torch.equal(mask[..., ~upper], want[..., ~upper])
     assert torch.isneginf(mask[..., upper]).all()
+
+
+def test_flex_expressions_match_the_reference(monkeypatch):
+    """FlexAttention's window mask_mod, softcap score_mod and sink correction (from its lse)
+    express the variant suites: forward checked on CPU with eager Flex (CPU Flex has no backward;
+    the GPU run gates fwd+bwd)."""
+    flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+    from tritonflash import attention_ref
+
+    monkeypatch.setattr(bench, "_FLEX", flex_mod.flex_attention)
+    monkeypatch.setattr(bench, "_FLEX_SINKS", bench.flex_with_sinks)
+    for suite in ("window", "softcap", "sinks_window"):
+        (case,) = bench.make_cases([suite], [], None, smoke=True)
+        case = dataclasses.replace(case, seqlen=128)  # flex's blocks are 128 wide
+        x = bench.make_inputs(case, "cpu")
+        for t in (x.q, x.k, x.v):
+            t.requires_grad_(False)
+        out = bench.build_flex(case, x).fn()
+        ref = attention_ref(x.q, x.k, x.v, None, case.causal, window_size=case.window, softcap=case.softcap,
+                            sinks=x.sinks.detach() if case.sinks else None)
+        assert bench.rel_err(out, ref) < 2e-2, suite
+    (case,) = bench.make_cases(["dropout"], [], None, smoke=True)
+    with pytest.raises(bench.Unsupported, match="no dropout"):
+        bench.build_flex(case, bench.make_inputs(case, "cpu"))
+
+
+def test_variant_protocol():
+    cases = bench.make_cases(list(bench.VARIANTS), [], None, smoke=False)
+    by = {}
+    for c in cases:
+        by.setdefault(c.suite, []).append(c)
+    assert [c.seqlen for c in by["window"]] == [4096, 8192, 16384, 32768]
+    assert all((c.headdim, c.nheads, c.nheads_k, c.window, c.causal) == (128, 32, 8, (4096, 0), True)
+               and c.batch * c.seqlen == 32768 for c in by["window"])
+    assert all((c.headdim, c.nheads, c.nheads_k, c.softcap) == (256, 16, 8, 50.0) for c in by["softcap"])
+    assert all((c.headdim, c.nheads, c.nheads_k, c.window, c.sinks) == (64, 64, 8, (128, 0), True) for c in by["sinks_window"])
+    assert {(c.headdim, c.causal, c.seqlen) for c in by["dropout"]} == {(d, k, s) for d in (64, 128) for k in (False, True)
+                                                                          for s in (1024, 4096)}
+    quick = bench.make_cases(["window"], [], None, smoke=False, quick=True)
+    assert [c.seqlen for c in quick] == [32768]
+    # The work fraction counts visible pairs exactly: rows i < 4096 see i + 1 keys, the rest 4097.
+    w8k = next(c for c in by["window"] if c.seqlen == 8192)
+    assert w8k.work_fraction == (4096 * 4097 / 2 + 4096 * 4097) / (8192 * 8193 / 2)
+    assert next(c for c in by["window"] if c.seqlen == 4096).work_fraction == 1.0
+    assert w8k.flops("fwd") == 4 * 4 * 32 * 8192 * 8192 * 128 / 2 * w8k.work_fraction
+    assert bench.visible_pairs(5, 7, False, (1, 2)) == int(bench.visible_mask(5, 7, False, (1, 2), "cpu").sum())
+    assert bench.case_methods(w8k, ["tritonflash", "flex"]) == ["tritonflash", "tritonflash_full", "flex"]
+    assert bench.case_methods(w8k, ["flex"]) == ["flex"]
+    head = {"suite": "dropout", "headdim": 64, "causal": True, "seqlen": 1024, "pass": "fwd"}
+    rows = [{**head, "method": "tritonflash", "ms": 1.1}, {**head, "method": "tritonflash_nodropout", "ms": 1.0}]
+    (d,) = bench.derived_metrics(rows)
+    assert d["metric"] == "dropout_cost" and abs(d["value"] - 0.1) < 1e-9 and d["met"] is True
+    rows[0]["ms"] = None
+    assert bench.derived_metrics(rows)[0]["value"] is None
 
 
 def test_protocol_helpers():
