@@ -7,6 +7,7 @@ from ._env import check_interpreter_numpy
 # fails deep inside a launch with numpy >= 2.4: say so now, with the fix.
 check_interpreter_numpy()
 
+from . import ops  # noqa: E402,F401  (registers the torch.ops.tritonflash custom ops)
 from .api import (  # noqa: E402
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -17,6 +18,7 @@ from .api import (  # noqa: E402
 )
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc  # noqa: E402
 from .bias import build_alibi_bias, gen_slopes  # noqa: E402
+from .lowlevel import _flash_attn_backward, _flash_attn_forward  # noqa: E402
 from .padding import pad_input, unpad_input  # noqa: E402
 from .reference import attention_ref  # noqa: E402
 
@@ -38,4 +40,6 @@ __all__ = [
     "attention_ref",
     "gen_slopes",
     "build_alibi_bias",
+    "_flash_attn_forward",
+    "_flash_attn_backward",
 ]

@@ -105,11 +105,11 @@ def flash_attn_kvpacked_func(
 
 
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                      alibi_slopes, return_lse, window_size, softcap, sinks):
+                      alibi_slopes, return_lse, window_size, softcap, sinks, validate=True):
     seed = draw_dropout_seed(dropout_p, q.device) if isinstance(q, torch.Tensor) else None
     inp, _, _ = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                               softmax_scale, alibi_slopes, window_size=window_size, softcap=softcap, sinks=sinks,
-                               dropout_seed=seed)
+                               softmax_scale, alibi_slopes, validate=validate, window_size=window_size, softcap=softcap,
+                               sinks=sinks, dropout_seed=seed)
     f = inp.features
     return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, inp.causal, inp.softmax_scale,
                                 alibi_slopes=alibi_slopes, return_lse=return_lse, window_size=f.window, softcap=f.softcap,
@@ -118,7 +118,7 @@ def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False, *,
-    alibi_slopes=None, window_size=(-1, -1), softcap=0.0, sinks=None, return_lse=False,
+    alibi_slopes=None, window_size=(-1, -1), softcap=0.0, sinks=None, return_lse=False, validate=True,
 ):
     """Attention over a packed batch of variable-length sequences (no padding), in flash-attn 2's
     positional order.
@@ -133,28 +133,36 @@ def flash_attn_varlen_func(
     (use ``flash_attn_func`` on a padded batch with ``key_padding_mask``); ALiBi via
     ``alibi_slopes`` ((nheads,) or (batch, nheads) fp32) is. Returns out (total_q, nheads,
     headdim) and, with ``return_lse``, lse (nheads, total_q).
+
+    ``cu_seqlens_q/k``'s contents are checked on the host (two device-to-host copies) and the
+    launch is sized by the longest sequences read there, except under torch.compile, during
+    CUDA graph capture and with ``validate=False``: then nothing is read on the host and the
+    launch is sized by ``max_seqlen_q/k``, which must be at least the longest sequences
+    (unchecked: a smaller value gives wrong results for the longer sequences).
     """
     if not _use_kernels(q):
         return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                                 causal, alibi_slopes, return_lse, window_size, softcap, sinks)
+                                 causal, alibi_slopes, return_lse, window_size, softcap, sinks, validate)
     return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                                     causal, alibi_slopes, return_lse, window_size=window_size, softcap=softcap, sinks=sinks)
+                                     causal, alibi_slopes, return_lse, window_size=window_size, softcap=softcap, sinks=sinks,
+                                     validate=validate)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, *,
-                                     alibi_slopes=None, window_size=(-1, -1), softcap=0.0, sinks=None, return_lse=False):
+                                     alibi_slopes=None, window_size=(-1, -1), softcap=0.0, sinks=None, return_lse=False,
+                                     validate=True):
     """``flash_attn_varlen_func`` on a packed qkv (total, 3, nheads, headdim), used as views."""
     q, k, v = unpack_varlen_qkv(qkv)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                                   alibi_slopes=alibi_slopes, window_size=window_size, softcap=softcap, sinks=sinks,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, validate=validate)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, *, alibi_slopes=None, window_size=(-1, -1), softcap=0.0,
-                                    sinks=None, return_lse=False):
+                                    sinks=None, return_lse=False, validate=True):
     """``flash_attn_varlen_func`` with a packed kv (total_k, 2, nheads_k, headdim), used as views."""
     k, v = unpack_varlen_kv(kv)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                                   causal, alibi_slopes=alibi_slopes, window_size=window_size, softcap=softcap, sinks=sinks,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, validate=validate)

@@ -1,32 +1,39 @@
-"""torch.autograd.Function classes, one per public variant. FlashAttnFunc, FlashAttnQKVPackedFunc
-and FlashAttnKVPackedFunc keep the original module's names and positional order
-(``FlashAttnFunc.apply(q, k, v, bias, causal, softmax_scale)``, then the extras
+"""The autograd of every public variant, and the kernel launch helpers.
+
+Path of a call: the public function (api.py) -> a front here (``FlashAttnFunc.apply`` ...:
+validate with checks.py, draw the dropout seed) -> a new-style autograd.Function whose forward
+is a custom op (``torch.ops.tritonflash.fwd*``, ops.py) -> the low-level functions' unchecked
+halves (lowlevel.py) -> ``_kernel_forward`` / ``_kernel_backward`` below -> kernels/.
+FlashAttnFunc, FlashAttnQKVPackedFunc and FlashAttnKVPackedFunc keep the original module's
+names and positional order (``FlashAttnFunc.apply(q, k, v, bias, causal, softmax_scale)``, then
 ``alibi_slopes, key_padding_mask, return_lse``); FlashAttnVarlenFunc takes
 ``flash_attn_varlen_func``'s (flash-attn 2's) order.
 
-Forward and a plain backward run the Triton kernels. A backward run with grad mode on --
-``create_graph=True`` (a gradient penalty, a Hessian-vector product) or ``torch.func.grad`` --
-needs gradients that carry a graph, which the kernels cannot give: the gradients are then
-recomputed through the differentiable reference (``attention_ref``) from the saved original
-inputs. That path computes in fp32 and materialises the (batch, nheads, seqlen_q, seqlen_k)
-scores, i.e. O(seqlen_q * seqlen_k) memory, like any eager attention.
+The autograd formulas (``padded_backward``, ``varlen_backward``) serve both the Functions and
+the forward ops' own registration (register_autograd). A plain backward calls the backward op
+(the kernels). A backward run with grad mode on -- ``create_graph=True`` (a gradient penalty,
+a Hessian-vector product) or ``torch.func.grad`` -- needs gradients that carry a graph, which
+the kernels cannot give: they are then recomputed through the differentiable reference
+(``attention_ref``) from the saved inputs, in fp32 with O(seqlen_q * seqlen_k) memory. Under
+torch.compile the backward is traced with grad mode off: the backward op.
 
-The Functions are new-style (``forward`` without ctx, ``setup_context``) so that torch.func
-transforms accept them, and they always return the lse (torch.func lets setup_context save only
-inputs and outputs). Each public class is a front whose ``apply`` calls its Function (its
-``function`` attribute) and drops the lse unless ``return_lse``; it is not itself an
-autograd.Function because torch.compile would trace a Function's ``forward`` directly and skip
-an overridden ``apply``. ``torch.func.vmap`` is refused with our own NotImplementedError: fold
-the vmapped dimension into the batch dimension instead.
+The Functions exist besides the ops' registered autograd because torch.func transforms need
+new-style Functions (``setup_context``); ``torch.func.vmap`` is refused with our own
+NotImplementedError (fold the vmapped dimension into the batch). The fronts are not
+Functions themselves because torch.compile traces a Function's ``forward`` directly and skips
+an overridden ``apply``. Validation happens in the fronts, before any op: under torch.compile
+it runs at trace time on fake tensors (shapes, dtypes, devices) and skips what reads values
+(checks.host_sync_allowed).
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
-from .checks import Inputs, contiguous_cu_seqlens, draw_dropout_seed, normalise, prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .checks import Inputs, draw_dropout_seed, prepare, prepare_varlen, unpack_kv, unpack_qkv
 from .kernels import Varlen, attn_bwd, attn_fwd
 from .kernels.common import Features
 from .kernels.configs import INTERPRET
@@ -55,11 +62,11 @@ def check_kernel_device(q: torch.Tensor) -> None:
     )
 
 
-def _kernel_forward(inp: Inputs, varlen: Varlen | None = None):
+def _kernel_forward(inp: Inputs, varlen: Varlen | None = None, out=None):
     check_kernel_device(inp.q)
     kpm = inp.key_padding_mask.view(torch.uint8) if inp.key_padding_mask is not None else None
-    return attn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.alibi_slopes, kpm, inp.causal, inp.softmax_scale, varlen=varlen,
-                    features=inp.features)
+    return attn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.alibi_slopes, kpm, inp.causal, inp.softmax_scale, out=out,
+                    varlen=varlen, features=inp.features)
 
 
 def _kernel_backward(inp: Inputs, out, lse, dout, bias_needs_grad, dq=None, dk=None, dv=None, varlen=None, sinks_needs_grad=False):
@@ -145,190 +152,183 @@ def _no_vmap(name):
     return staticmethod(vmap)
 
 
-def _save_features(ctx, window_size, softcap, sinks, dropout_p, dropout_seed, attn_mask):
-    """Non-tensor features on ctx; returns the tensors to save (sinks, seed, attn_mask)."""
-    ctx.window_size, ctx.softcap, ctx.dropout_p = window_size, softcap, dropout_p
-    return sinks, dropout_seed, attn_mask
+# ---- the autograd formulas, shared by the Functions below and the custom ops (ops.py) -----------
+#
+# Every op and every Function takes the same inputs: the primal tensors of its layout, then
+# OPTIONS = (bias, alibi_slopes, key_padding_mask, sinks, dropout_seed, attn_mask) and SCALARS =
+# (causal, softmax_scale, window_left, window_right, softcap, dropout_p), all validated and
+# normalised by the caller (softmax_scale a float, the window two ints). Varlen: (q, k, v,
+# cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks, dropout_seed,
+# *SCALARS).
+
+N_OPTIONS = 6
+BIAS, SINKS = 0, 3  # their places in OPTIONS
 
 
-def _saved_features(ctx, sinks, dropout_seed, attn_mask) -> Features:
-    return _features(ctx.window_size, ctx.softcap, sinks, ctx.dropout_p, dropout_seed, attn_mask)
+class Layout(NamedTuple):
+    """A padded-batch layout: its primal tensors and the ops that compute it."""
+
+    name: str  # op name suffix ("" for separate q, k, v)
+    n_primals: int
+    unpack: object  # primals -> (q, k, v) views
+
+    @property
+    def fwd(self):
+        return getattr(torch.ops.tritonflash, "fwd" + self.name)
+
+    @property
+    def bwd(self):
+        return getattr(torch.ops.tritonflash, "bwd" + self.name)
 
 
-class _FlashAttn(torch.autograd.Function):
-    """(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features) -> (out, lse)."""
+SEPARATE = Layout("", 3, lambda q, k, v: (q, k, v))
+QKVPACKED = Layout("_qkvpacked", 1, lambda qkv: qkv.unbind(2))
+KVPACKED = Layout("_kvpacked", 2, lambda q, kv: (q, *kv.unbind(2)))
 
-    @staticmethod
-    def forward(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features):
-        return _kernel_forward(prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, **_feature_kwargs(*features)))
 
-    @staticmethod
+def op_arguments(inp: Inputs, bias, alibi_slopes, key_padding_mask) -> tuple:
+    """OPTIONS + SCALARS of validated inputs (the user's bias, slopes and mask tensors: the
+    bias gradient has the bias's own shape)."""
+    f = inp.features
+    return (bias, alibi_slopes, key_padding_mask, f.sinks, f.seed, f.attn_mask,
+            inp.causal, inp.softmax_scale, f.window[0], f.window[1], f.softcap, f.dropout_p)
+
+
+def scalar_features(options, scalars, sinks=None) -> Features:
+    _, _, _, sinks_, seed, amask = options
+    _, _, left, right, softcap, dropout_p = scalars
+    return _features((left, right), softcap, sinks_ if sinks is None else sinks, dropout_p, seed, amask)
+
+
+def padded_setup_context(layout: Layout):
     def setup_context(ctx, inputs, output):
-        q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, bias, alibi_slopes, key_padding_mask, out, lse, *_save_features(ctx, *features))
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse)
+        n = layout.n_primals
+        ctx.save_for_backward(*inputs[:n + N_OPTIONS], *output)
+        ctx.scalars = tuple(inputs[n + N_OPTIONS:])
+        ctx.mark_non_differentiable(output[1])
 
-    @staticmethod
+    return setup_context
+
+
+def padded_backward(layout: Layout):
+    """The backward of a layout's forward op: the bwd op (the kernels), or, with grad mode on
+    (create_graph=True, torch.func.grad), the differentiable reference. Returns a gradient for
+    every input of the forward op."""
+
     def backward(ctx, dout, _dlse):
-        q, k, v, bias, slopes, kpm, out, lse, sinks, seed, amask = ctx.saved_tensors
-        feats = _saved_features(ctx, sinks, seed, amask)
+        n = layout.n_primals
+        saved = ctx.saved_tensors
+        primals, options, (out, lse) = saved[:n], saved[n:n + N_OPTIONS], saved[n + N_OPTIONS:]
+        causal, scale = ctx.scalars[:2]
+        needs = ctx.needs_input_grad
+        need_bias = bool(needs[n + BIAS]) and options[BIAS] is not None
+        need_sinks = bool(needs[n + SINKS]) and options[SINKS] is not None
         if torch.is_grad_enabled():
+            bias, slopes, kpm, sinks = options[:4]
+            q, k, v = layout.unpack(*primals)
             shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+            feats = scalar_features(options, ctx.scalars)
 
-            def ref(q, k, v, bias, sinks):
-                f = _ref_features(feats._replace(sinks=sinks), shape)
-                return attention_ref(q, k, v, bias, ctx.causal, ctx.softmax_scale, alibi_slopes=slopes, key_padding_mask=kpm, **f)
+            def ref(*args):
+                q, k, v = layout.unpack(*args[:n])
+                f = _ref_features(feats._replace(sinks=args[n + 1]), shape)
+                return attention_ref(q, k, v, args[n], causal, scale, alibi_slopes=slopes, key_padding_mask=kpm, **f)
 
-            dq, dk, dv, dbias, dsinks = _grads_with_graph(ref, (q, k, v, bias, sinks), ctx.needs_input_grad[:4] + ctx.needs_input_grad[10:11],
-                                                          dout)
+            *grads, dbias, dsinks = _grads_with_graph(ref, (*primals, bias, sinks), (*needs[:n], need_bias, need_sinks), dout)
         else:
-            inp = normalise(q, k, v, bias, ctx.causal, ctx.softmax_scale, slopes, kpm, feats)
-            dq, dk, dv, dbias, dsinks = _kernel_backward(inp, out, lse, dout, ctx.needs_input_grad[3],
-                                                         sinks_needs_grad=ctx.needs_input_grad[10])
-        return dq, dk, dv, dbias, None, None, None, None, None, None, dsinks, None, None, None
+            *grads, dbias, dsinks = layout.bwd(dout, *primals, out, lse, *options, *ctx.scalars, need_bias, need_sinks)
+            grads = [g if need else None for g, need in zip(grads, needs[:n])]
+            dbias = dbias if need_bias else None
+            dsinks = dsinks if need_sinks else None
+        rest = [None] * (N_OPTIONS + len(ctx.scalars))
+        rest[BIAS], rest[SINKS] = dbias, dsinks
+        return (*grads, *rest)
 
-    vmap = _no_vmap("FlashAttnFunc")
-
-
-class _FlashAttnQKVPacked(torch.autograd.Function):
-    """(qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features) -> (out, lse)."""
-
-    @staticmethod
-    def forward(qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features):
-        q, k, v = unpack_qkv(qkv)
-        return _kernel_forward(prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, **_feature_kwargs(*features)))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, bias, alibi_slopes, key_padding_mask, out, lse, *_save_features(ctx, *features))
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse)
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        qkv, bias, slopes, kpm, out, lse, sinks, seed, amask = ctx.saved_tensors
-        feats = _saved_features(ctx, sinks, seed, amask)
-        if torch.is_grad_enabled():
-            shape = (qkv.shape[0], qkv.shape[3], qkv.shape[1], qkv.shape[1])
-
-            def ref(qkv, bias, sinks):
-                q, k, v = qkv.unbind(2)
-                f = _ref_features(feats._replace(sinks=sinks), shape)
-                return attention_ref(q, k, v, bias, ctx.causal, ctx.softmax_scale, alibi_slopes=slopes, key_padding_mask=kpm, **f)
-
-            dqkv, dbias, dsinks = _grads_with_graph(ref, (qkv, bias, sinks), ctx.needs_input_grad[:2] + ctx.needs_input_grad[8:9], dout)
-        else:
-            inp = normalise(*qkv.unbind(2), bias, ctx.causal, ctx.softmax_scale, slopes, kpm, feats)
-            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-            _, _, _, dbias, dsinks = _kernel_backward(inp, out, lse, dout, ctx.needs_input_grad[1], *dqkv.unbind(2),
-                                                      sinks_needs_grad=ctx.needs_input_grad[8])
-        return dqkv, dbias, None, None, None, None, None, None, dsinks, None, None, None
-
-    vmap = _no_vmap("FlashAttnQKVPackedFunc")
+    return backward
 
 
-class _FlashAttnKVPacked(torch.autograd.Function):
-    """(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features) -> (out, lse)."""
+def varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, slopes, sinks, seed, *scalars = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, slopes, sinks, seed, *output)
+    ctx.max_seqlens, ctx.scalars = (max_q, max_k), tuple(scalars)
+    ctx.mark_non_differentiable(output[1])
 
-    @staticmethod
-    def forward(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features):
-        k, v = unpack_kv(kv)
-        return _kernel_forward(prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, **_feature_kwargs(*features)))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, *features = inputs
-        out, lse = output
-        ctx.save_for_backward(q, kv, bias, alibi_slopes, key_padding_mask, out, lse, *_save_features(ctx, *features))
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse)
+def varlen_backward(ctx, dout, _dlse):
+    q, k, v, cu_q, cu_k, slopes, sinks, seed, out, lse = ctx.saved_tensors
+    causal, scale, left, right, softcap, dropout_p = ctx.scalars
+    needs = ctx.needs_input_grad
+    need_sinks = bool(needs[8]) and sinks is not None
+    if torch.is_grad_enabled():
+        def ref(q, k, v, sinks):
+            return varlen_attention_ref(q, k, v, cu_q, cu_k, causal, scale, alibi_slopes=slopes, window_size=(left, right),
+                                        softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                                        dropout_seed=None if seed is None or dropout_p == 0 else int(seed.item()))
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, kv, bias, slopes, kpm, out, lse, sinks, seed, amask = ctx.saved_tensors
-        feats = _saved_features(ctx, sinks, seed, amask)
-        if torch.is_grad_enabled():
-            shape = (q.shape[0], q.shape[2], q.shape[1], kv.shape[1])
+        dq, dk, dv, dsinks = _grads_with_graph(ref, (q, k, v, sinks), (*needs[:3], need_sinks), dout)
+    else:
+        dq, dk, dv, dsinks = torch.ops.tritonflash.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, slopes,
+                                                              sinks, seed, *ctx.scalars, need_sinks)
+        dq, dk, dv = (g if need else None for g, need in zip((dq, dk, dv), needs[:3]))
+        dsinks = dsinks if need_sinks else None
+    return dq, dk, dv, None, None, None, None, None, dsinks, None, None, None, None, None, None, None
 
-            def ref(q, kv, bias, sinks):
-                k, v = kv.unbind(2)
-                f = _ref_features(feats._replace(sinks=sinks), shape)
-                return attention_ref(q, k, v, bias, ctx.causal, ctx.softmax_scale, alibi_slopes=slopes, key_padding_mask=kpm, **f)
 
-            dq, dkv, dbias, dsinks = _grads_with_graph(ref, (q, kv, bias, sinks), ctx.needs_input_grad[:3] + ctx.needs_input_grad[9:10], dout)
-        else:
-            inp = normalise(q, *kv.unbind(2), bias, ctx.causal, ctx.softmax_scale, slopes, kpm, feats)
-            dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
-            dq, _, _, dbias, dsinks = _kernel_backward(inp, out, lse, dout, ctx.needs_input_grad[2], None, *dkv.unbind(2),
-                                                       sinks_needs_grad=ctx.needs_input_grad[9])
-        return dq, dkv, dbias, None, None, None, None, None, None, dsinks, None, None, None
+# ---- the Functions: the ops' autograd, new-style for torch.func ----------------------------------
 
-    vmap = _no_vmap("FlashAttnKVPackedFunc")
+
+def _function(name, layout):
+    """A new-style Function with a layout's forward op as forward and the shared formulas.
+    The ops' own autograd (register_autograd) is not enough: torch.func transforms need
+    new-style Functions, and vmap gets our own error."""
+    return type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(lambda *args: layout.fwd(*args)),
+        setup_context=staticmethod(padded_setup_context(layout)),
+        backward=staticmethod(padded_backward(layout)),
+        vmap=_no_vmap(f"Flash{name[7:]}Func"),
+        __doc__=f"(*primals, *OPTIONS, *SCALARS) -> (out, lse) through torch.ops.tritonflash.fwd{layout.name}.",
+    ))
+
+
+_FlashAttn = _function("_FlashAttn", SEPARATE)
+_FlashAttnQKVPacked = _function("_FlashAttnQKVPacked", QKVPACKED)
+_FlashAttnKVPacked = _function("_FlashAttnKVPacked", KVPACKED)
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
-    """(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-    causal, alibi_slopes, window_size, softcap, sinks, dropout_seed) -> (out, lse, longest_q,
-    longest_k): the longest sequences (ints) are outputs so that setup_context can keep them
-    for the backward's launch."""
+    """(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks,
+    dropout_seed, *SCALARS) -> (out, lse) through torch.ops.tritonflash.fwd_varlen;
+    ``max_seqlen_q/k`` size the launch."""
 
     @staticmethod
-    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                alibi_slopes, window_size, softcap, sinks, dropout_seed):
-        inp, longest_q, longest_k = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                   dropout_p, causal, softmax_scale, alibi_slopes, window_size=window_size,
-                                                   softcap=softcap, sinks=sinks, dropout_seed=dropout_seed)
-        if q.shape[0] == 0 or k.shape[0] == 0:
-            # No query rows, or no key in any sequence: nothing to launch; rows without keys
-            # give out 0 and lse -inf, as for one such sequence.
-            check_kernel_device(inp.q)
-            lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
-            if sinks is not None:  # rows with only the sink: lse = the sink
-                lse = sinks.detach()[:, None].expand(q.shape[1], q.shape[0]).contiguous()
-            return torch.zeros_like(q), lse, longest_q, longest_k
-        varlen = Varlen(contiguous_cu_seqlens(cu_seqlens_q), contiguous_cu_seqlens(cu_seqlens_k), longest_q, longest_k)
-        return (*_kernel_forward(inp, varlen), longest_q, longest_k)
+    def forward(*args):
+        return torch.ops.tritonflash.fwd_varlen(*args)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (q, k, v, cu_seqlens_q, cu_seqlens_k, _, _, dropout_p, softmax_scale, causal, alibi_slopes, window_size, softcap, sinks,
-         dropout_seed) = inputs
-        out, lse, longest_q, longest_k = output
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out, lse,
-                              *_save_features(ctx, window_size, softcap, sinks, dropout_p, dropout_seed, None)[:2])
-        ctx.causal, ctx.softmax_scale, ctx.longest = causal, softmax_scale, (longest_q, longest_k)
-        ctx.mark_non_differentiable(lse)
-
-    @staticmethod
-    def backward(ctx, dout, _dlse, _dlongest_q, _dlongest_k):
-        q, k, v, cu_q, cu_k, slopes, out, lse, sinks, seed = ctx.saved_tensors
-        feats = _saved_features(ctx, sinks, seed, None)
-        none7, none3 = (None,) * 7, (None,) * 3
-        sinks_grad = ctx.needs_input_grad[13]
-        if torch.is_grad_enabled():
-            def ref(q, k, v, sinks):
-                return varlen_attention_ref(q, k, v, cu_q, cu_k, ctx.causal, ctx.softmax_scale, alibi_slopes=slopes,
-                                            window_size=feats.window, softcap=feats.softcap, sinks=sinks, dropout_p=feats.dropout_p,
-                                            dropout_seed=None if seed is None else int(seed.item()))
-
-            dq, dk, dv, dsinks = _grads_with_graph(ref, (q, k, v, sinks), ctx.needs_input_grad[:3] + (sinks_grad,), dout)
-            return dq, dk, dv, *none7, None, None, None, dsinks, None
-        if q.shape[0] == 0 or k.shape[0] == 0:
-            dsinks = torch.zeros_like(sinks) if sinks_grad else None
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), *none7, *none3, dsinks, None
-        inp = normalise(q, k, v, None, ctx.causal, ctx.softmax_scale, slopes, features=feats)
-        varlen = Varlen(contiguous_cu_seqlens(cu_q), contiguous_cu_seqlens(cu_k), *ctx.longest)
-        dq, dk, dv, _, dsinks = _kernel_backward(inp, out, lse, dout, False, varlen=varlen, sinks_needs_grad=sinks_grad)
-        return dq, dk, dv, *none7, *none3, dsinks, None
-
+    setup_context = staticmethod(varlen_setup_context)
+    backward = staticmethod(varlen_backward)
     vmap = _no_vmap("FlashAttnVarlenFunc")
 
 
+# ---- the fronts: validate, draw the dropout seed, apply ------------------------------------------
+
+
+def _distinct(*args):
+    """``args`` with a tensor that appears again (``cu_seqlens`` passed as both q's and k's,
+    q = k = v) replaced by an alias view there: torch.compile cannot trace a Function given the
+    same tensor twice (a graph break). Gradients flow through the view as usual."""
+    seen = set()
+    out = []
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                x = x.view_as(x)
+            seen.add(id(x))
+        out.append(x)
+    return out
+
 # Keyword-only on every front: the score features (docs/semantics.md).
+
+
 class FlashAttnFunc:
     """``FlashAttnFunc.apply(q, k, v, bias=None, causal=False, softmax_scale=None,
     alibi_slopes=None, key_padding_mask=None, return_lse=False, *, window_size=(-1, -1),
@@ -340,8 +340,9 @@ class FlashAttnFunc:
     def apply(q, k, v, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, attn_mask=None):
         seed = _seed_for(dropout_p, q)
-        out, lse = _FlashAttn.apply(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                                    window_size, softcap, sinks, dropout_p, seed, attn_mask)
+        inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
+                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+        out, lse = _FlashAttn.apply(*_distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -356,8 +357,10 @@ class FlashAttnQKVPackedFunc:
     def apply(qkv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, attn_mask=None):
         seed = _seed_for(dropout_p, qkv)
-        out, lse = _FlashAttnQKVPacked.apply(qkv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                                             window_size, softcap, sinks, dropout_p, seed, attn_mask)
+        q, k, v = unpack_qkv(qkv)
+        inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
+                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+        out, lse = _FlashAttnQKVPacked.apply(*_distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -372,24 +375,32 @@ class FlashAttnKVPackedFunc:
     def apply(q, kv, bias=None, causal=False, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
               return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, attn_mask=None):
         seed = _seed_for(dropout_p, q)
-        out, lse = _FlashAttnKVPacked.apply(q, kv, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                                            window_size, softcap, sinks, dropout_p, seed, attn_mask)
+        k, v = unpack_kv(kv)
+        inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
+                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+        out, lse = _FlashAttnKVPacked.apply(*_distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
 class FlashAttnVarlenFunc:
     """``FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     dropout_p=0.0, softmax_scale=None, causal=False, alibi_slopes=None, return_lse=False, *,
-    window_size=(-1, -1), softcap=0.0, sinks=None)``, as ``flash_attn_varlen_func``: q
-    (total_q, h, d), k/v (total_k, h_k, d), int32 cumulative sequence lengths. Returns out
+    window_size=(-1, -1), softcap=0.0, sinks=None, validate=True)``, as ``flash_attn_varlen_func``:
+    q (total_q, h, d), k/v (total_k, h_k, d), int32 cumulative sequence lengths. Returns out
     (total_q, h, d) [and lse (h, total_q)]."""
 
     function = _FlashAttnVarlen
 
     @staticmethod
     def apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
-              causal=False, alibi_slopes=None, return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None):
+              causal=False, alibi_slopes=None, return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None,
+              validate=True):
         seed = _seed_for(dropout_p, q)
-        out, lse, _, _ = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                dropout_p, softmax_scale, causal, alibi_slopes, window_size, softcap, sinks, seed)
+        inp, launch_q, launch_k = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                                 causal, softmax_scale, alibi_slopes, validate=validate,
+                                                 window_size=window_size, softcap=softcap, sinks=sinks, dropout_seed=seed)
+        f = inp.features
+        args = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, f.sinks, f.seed)
+        out, lse = _FlashAttnVarlen.apply(*args[:5], launch_q, launch_k, *args[5:], inp.causal, inp.softmax_scale,
+                                          f.window[0], f.window[1], f.softcap, f.dropout_p)
         return (out, lse) if return_lse else out

@@ -147,7 +147,7 @@ def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -
             "alibi_slopes must not require grad: the kernels treat slopes as constants and return no gradient "
             "for them; pass alibi_slopes.detach(), or a bias tensor if the ALiBi term must be learned"
         )
-    if check_finite and _slopes_unchecked(alibi_slopes) and host_sync_allowed(alibi_slopes):
+    if check_finite and host_sync_allowed(alibi_slopes) and _slopes_unchecked(alibi_slopes):
         bad = ~torch.isfinite(alibi_slopes)
         if bad.any():
             index = tuple(bad.nonzero()[0].tolist())
@@ -360,7 +360,10 @@ def unpack_varlen_kv(kv):
     return _unpack("kv", kv, ("total_tokens", 2, "nheads_k", "headdim"))
 
 
-def _check_cu_seqlens(name, cu, total, device):
+def _check_cu_seqlens(name, cu, total, device, read_values=True):
+    """Validate one cu_seqlens tensor; returns its longest sequence, read on the host (one
+    device-to-host copy), or None with ``read_values=False`` (compiled path, CUDA graph capture,
+    ``validate=False``): then only its dtype, rank and device are checked."""
     check_tensor(name, cu)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}; use {name}.to(torch.int32)")
@@ -368,6 +371,8 @@ def _check_cu_seqlens(name, cu, total, device):
         raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    if not read_values:
+        return None
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -386,29 +391,42 @@ def contiguous_cu_seqlens(cu):
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, softmax_scale,
-                   alibi_slopes, **features):
+                   alibi_slopes, validate=True, **features):
     """Validate a packed variable-length batch: q (total_q, h, d), k/v (total_k, h_k, d), every
-    sequence (all of them, too) may be empty. Returns (Inputs, longest_q, longest_k): the
-    longest sequences, read from cu_seqlens, size the launch (``max_seqlen_q/k`` only has to be
-    at least that, as in flash-attn)."""
+    sequence (all of them, too) may be empty. Returns (Inputs, launch_q, launch_k), the
+    sequence lengths that size the launch.
+
+    The contents of ``cu_seqlens_q/k`` (start 0, non-decreasing, last = total rows,
+    ``max_seqlen`` >= the longest sequence) are checked on the host -- two device-to-host
+    copies -- and the launch is then sized by the longest sequences read there. Under
+    torch.compile tracing, during CUDA graph capture (``host_sync_allowed``) and with
+    ``validate=False`` they are not read: the launch is sized by ``max_seqlen_q/k`` as given,
+    which must then be at least the longest sequence (a smaller value computes a wrong result
+    for the longer sequences)."""
+    check_bool("validate", validate)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
         if x.dim() != 3:
             raise ValueError(f"{name} must have rank 3 (total_tokens, nheads, headdim) for varlen, got shape {tuple(x.shape)}")
     check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), shown=lambda x: tuple(x.shape[1:]))
-    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    read = validate and isinstance(cu_seqlens_q, torch.Tensor) and host_sync_allowed(cu_seqlens_q)
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, read)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, read)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.numel() - 1} "
             f"and {cu_seqlens_k.numel() - 1} sequences"
         )
     for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+        if isinstance(given, bool) or not isinstance(given, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type_name(given)}")
-        if given < longest:
+        if longest is None and given < 0:
+            raise ValueError(f"{name} must be >= 0, got {given}")
+        if longest is not None and given < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
-    sizes = (cu_seqlens_q.numel() - 1, longest_q, longest_k, q.shape[1], q.shape[2])
+    launch_q = max_seqlen_q if longest_q is None else longest_q
+    launch_k = max_seqlen_k if longest_k is None else longest_k
+    sizes = (cu_seqlens_q.numel() - 1, launch_q, launch_k, q.shape[1], q.shape[2])
     check_options(sizes, q.device, None, causal, softmax_scale, alibi_slopes, None)
     feats = check_features(sizes, q.device, causal, dropout_p=dropout_p, **features)
-    return normalise(q, k, v, None, causal, softmax_scale, alibi_slopes, None, feats), longest_q, longest_k
+    return normalise(q, k, v, None, causal, softmax_scale, alibi_slopes, None, feats), launch_q, launch_k
