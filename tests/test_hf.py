@@ -5,8 +5,9 @@ Llama and T5 (register()). For each: logits and every parameter gradient of the 
 through tritonflash against the fp32 eager model with the same weights, under docs/testing.md's
 rule with the eager 16-bit model as baseline (error <= 2x the baseline's, plus two bf16 rounding
 steps; 3x for gradients); a batch with one left- and one right-padded row; prefill + decode with a
-DynamicCache and a StaticCache; generate() giving eager's tokens where eager 16-bit agrees with
-fp32. Falcon's reference is its SDPA path: transformers' eager Falcon adds ALiBi twice (see
+DynamicCache and a StaticCache (checked to be filled: transformers 5.17 takes it as
+past_key_values=, 5.24 as cache=); generate() giving eager's tokens and logits where eager 16-bit
+agrees with fp32. Falcon's reference is its SDPA path: transformers' eager Falcon adds ALiBi twice (see
 test_falcon_eager_adds_alibi_twice). On the CPU tier the kernels run in the Triton interpreter,
 so the models are tiny; on a GPU they are larger.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import subprocess
 import sys
 
@@ -137,16 +139,26 @@ def test_logits_and_gradients(family):
         _check(f"grad {n}", tf_grads[n], ref_grads[n], base_grads[n], 3)
 
 
+def _cache_kwarg(model):
+    """The name under which the model's forward takes a cache: `cache` (transformers 5.24) or
+    `past_key_values` (5.17). Passed under the wrong name, a cache is silently ignored (swallowed
+    by **kwargs) and each call starts a fresh one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forced_decode(model, family, cache_kind, ids, mask, forced):
     """Prefill + decode of the tokens `forced` (so every model sees the same inputs)."""
     cache = (transformers.DynamicCache(config=model.config) if cache_kind == "dynamic"
              else transformers.StaticCache(config=model.config, max_cache_len=SEQ + NEW + 3))
-    out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    out = model(input_ids=ids, attention_mask=mask, **kw)
     logits = [out.logits[mask.bool()].float()]
     for t in range(NEW):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(input_ids=forced[:, t: t + 1], attention_mask=mask, cache=cache, use_cache=True)
+        out = model(input_ids=forced[:, t: t + 1], attention_mask=mask, **kw)
         logits.append(out.logits[:, -1].float())
+    # every layer wrote every token into this cache (not into one the model made up)
+    assert [cache.get_seq_length(i) for i in range(LAYERS)] == [SEQ + NEW] * LAYERS
     return logits
 
 
@@ -181,18 +193,32 @@ def _left_padded():
                                                ("t5", None)])
 def test_generate_same_tokens(family, cache_kind):
     """Greedy generate(): tritonflash's tokens equal eager's in every row where eager 16-bit and
-    eager fp32 agree."""
+    eager fp32 agree, and so do each step's logits there (under the rule: tokens alone can agree
+    even when the decode steps lost their cache)."""
     ids, mask = _left_padded()
-    kw = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+    kw = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+              return_dict_in_generate=True, output_logits=True, use_cache=True)  # MptConfig defaults to False
     if cache_kind:
         kw["cache_implementation"] = cache_kind
     with torch.no_grad():
         ref = _build(family, _ref_impl(family), torch.float32).generate(ids, **kw)
         base = _build(family, _ref_impl(family), LP).generate(ids, **kw)
-        got = _build(family, "tritonflash", LP).generate(ids, **kw)
-    agree = (ref == base).all(1)
+        model = _build(family, "tritonflash", LP)
+        cache = None
+        if family != "t5" and not cache_kind:
+            # generate() fills the cache it is given: checked below, so that an attention that
+            # drops the cache (it then stays empty) fails here whatever the tokens
+            cache = transformers.DynamicCache(config=model.config)
+            kw[_cache_kwarg(model)] = cache
+        got = model.generate(ids, **kw)
+    agree = (ref.sequences == base.sequences).all(1)
     assert agree.any(), "eager 16-bit disagrees with fp32 in every row: the test shows nothing"
-    assert torch.equal(got[agree], ref[agree])
+    assert torch.equal(got.sequences[agree], ref.sequences[agree])
+    assert len(got.logits) == len(ref.logits) == NEW
+    for step, (x, r, b) in enumerate(zip(got.logits, ref.logits, base.logits)):
+        _check(f"generate step {step} logits", x[agree], r[agree], b[agree], 2)
+    if cache is not None:
+        assert [cache.get_seq_length(i) for i in range(LAYERS)] == [SEQ + NEW - 1] * LAYERS
 
 
 def test_fp32_model_computes_in_bf16():

@@ -489,7 +489,11 @@ def _slopes_for(module, device):
     return s
 
 
-def _mpt_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+def _mpt_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, past_key_values=None,
+                 **kwargs):
+    # MptBlock passes the cache as cache= (transformers 5.24) or past_key_values= (5.17, before the rename)
+    if cache is None:
+        cache = past_key_values
     b, s = hidden_states.shape[:2]
     qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:
