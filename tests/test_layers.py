@@ -773,3 +773,33 @@ def test_layer_x_must_be_a_tensor():
     layer = make_layer("multihead_attention", "torch")
     with pytest.raises(TypeError, match=r"^x must be a torch\.Tensor, got list$"):
         layer([[0.0] * D_MODEL])
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+def test_sliding_window_and_softcap_agree_across_backends(impl):
+    """sliding_window_size (llm-foundry's name) and attn_logit_softcapping: every backend gives
+    the fp64 'torch' layer's answer within the layers' tolerance, with a KV cache step too;
+    'flash' (SDPA) refuses a softcap instead of dropping it (test below)."""
+    cfg = dict(kv_n_heads=2, sliding_window_size=5, attn_logit_softcapping=None if impl == "flash" else 2.0)
+    x = torch.randn(2, 12, D_MODEL, device=DEVICE)
+    step = torch.randn(2, 1, D_MODEL, device=DEVICE)
+    ref_layer = make_layer("grouped_query_attention", "torch", torch.float64, **dict(cfg))
+    layer = make_layer("grouped_query_attention", impl, **dict(cfg))
+    ref, _, cache_ref = ref_layer(x.double())
+    out, _, cache = layer(x)
+    tol = dict(atol=3e-2, rtol=0) if impl == "triton" else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref.float(), **tol)
+    ref_step, _, _ = ref_layer(step.double(), past_key_value=cache_ref)
+    out_step, _, _ = layer(step, past_key_value=cache)
+    torch.testing.assert_close(out_step, ref_step.float(), **tol)
+    # The window matters: without it the decode step (13 keys, window 5) differs.
+    plain = make_layer("grouped_query_attention", "torch", torch.float64,
+                       **dict(cfg, sliding_window_size=-1))
+    assert (plain(step.double(), past_key_value=cache_ref)[0] - ref_step).abs().max() > 1e-3
+
+
+def test_flash_layer_refuses_softcap():
+    with pytest.raises(NotImplementedError, match=r"attn_impl='flash' .*cannot cap logits"):
+        make_layer("grouped_query_attention", "flash", kv_n_heads=2, attn_logit_softcapping=2.0)
+    with pytest.raises(ValueError, match="sliding_window_size must be -1"):
+        make_layer("grouped_query_attention", "torch", kv_n_heads=2, sliding_window_size=-3)

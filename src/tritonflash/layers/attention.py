@@ -27,6 +27,11 @@ class GroupedQueryAttention(nn.Module):
             projections, as MPT does.
         softmax_scale: default ``1 / sqrt(head_dim)``.
         attn_pdrop: dropout on the attention weights while training (every backend; 'triton' in-kernel).
+        sliding_window_size: -1 (off) or w >= 0: each query sees the keys at most w positions
+            before it (llm-foundry's name; ``window_size=(w, w)`` of ``flash_attn_func``, which
+            with the causal mask is (w, 0)); blocks outside the window are skipped on 'triton'.
+        attn_logit_softcapping: None (off) or > 0: scores capped to ``c * tanh(score / c)``
+            before bias and ALiBi (Gemma 2; llm-foundry's name); 'torch' and 'triton' only.
         fused_qkv: one ``Wqkv`` Linear ``d_model -> d_model + 2 * kv_n_heads * head_dim``
             (rows q, k, v) if True, else separate ``Wq``, ``Wk``, ``Wv``.
         bias: whether the Linear layers have biases. norm_eps: LayerNorm epsilon.
@@ -48,6 +53,8 @@ class GroupedQueryAttention(nn.Module):
         norm_eps: float = 1e-5,
         device=None,
         dtype=None,
+        sliding_window_size: int = -1,
+        attn_logit_softcapping: float | None = None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kv_n_heads", kv_n_heads)):
@@ -69,6 +76,15 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"softmax_scale must be None or > 0, got {softmax_scale!r}")
         if not 0.0 <= attn_pdrop < 1.0:
             raise ValueError(f"attn_pdrop must be in [0, 1), got {attn_pdrop!r}")
+        if isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int) or sliding_window_size < -1:
+            raise ValueError(f"sliding_window_size must be -1 (off) or an int >= 0, got {sliding_window_size!r}")
+        if attn_logit_softcapping is not None and not (isinstance(attn_logit_softcapping, (int, float))
+                                                       and not isinstance(attn_logit_softcapping, bool)
+                                                       and 0 < attn_logit_softcapping < float("inf")):
+            raise ValueError(f"attn_logit_softcapping must be None or a finite number > 0, got {attn_logit_softcapping!r}")
+        if attn_logit_softcapping is not None and attn_impl == "flash":
+            raise NotImplementedError("attn_impl='flash' (PyTorch SDPA) cannot cap logits (attn_logit_softcapping); "
+                                      "use attn_impl='triton' or 'torch'")
 
         self.d_model = d_model
         self.n_heads = n_heads
@@ -81,6 +97,8 @@ class GroupedQueryAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.attn_dropout_p = attn_pdrop
         self.fused_qkv = fused_qkv
+        self.sliding_window_size = sliding_window_size
+        self.attn_logit_softcapping = attn_logit_softcapping
 
         factory = {"device": device, "dtype": dtype}
         kv_dim = kv_n_heads * self.head_dim
@@ -101,7 +119,15 @@ class GroupedQueryAttention(nn.Module):
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, kv_n_heads={self.kv_n_heads}, attn_impl={self.attn_impl!r}, "
             f"clip_qkv={self.clip_qkv}, qk_ln={self.qk_ln}, softmax_scale={self.softmax_scale}, attn_pdrop={self.attn_dropout_p}"
+            + (f", sliding_window_size={self.sliding_window_size}" if self.sliding_window_size >= 0 else "")
+            + (f", attn_logit_softcapping={self.attn_logit_softcapping}" if self.attn_logit_softcapping else "")
         )
+
+    def _window(self, is_causal) -> tuple:
+        w = self.sliding_window_size
+        if w < 0:
+            return (-1, -1)
+        return (w, 0) if is_causal is True else (w, w)
 
     def _qkv(self, x: torch.Tensor):
         if self.fused_qkv:
@@ -158,6 +184,8 @@ class GroupedQueryAttention(nn.Module):
             training=self.training,
             needs_weights=needs_weights,
             alibi_slopes=alibi_slopes,
+            window_size=self._window(is_causal),
+            softcap=float(self.attn_logit_softcapping or 0.0),
         )
         return self.out_proj(context), attn_weights, past_key_value
 

@@ -2,7 +2,8 @@
 
 ``fn(query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None,
 attn_bias=None, key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False,
-needs_weights=False, alibi_slopes=None) -> (context, attn_weights, past_key_value)``
+needs_weights=False, alibi_slopes=None, window_size=(-1, -1), softcap=0.0)
+-> (context, attn_weights, past_key_value)``
 
 - query ``(batch, seqlen_q, n_heads * head_dim)``; key, value ``(batch, seqlen_new, kv_n_heads * head_dim)``.
 - past_key_value: ``None``/``()`` or ``(k, v)``, each ``(batch, seqlen_past, kv_n_heads, head_dim)``
@@ -15,6 +16,9 @@ needs_weights=False, alibi_slopes=None) -> (context, attn_weights, past_key_valu
 - key_padding_mask ``(batch, seqlen_k)`` bool, True = keep. is_causal: bottom-right aligned.
 - alibi_slopes ``(n_heads,)`` or ``(batch, n_heads)`` fp32, finite, not requiring grad (the kernels'
   rules, checked alike for every backend): adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+- window_size ``(left, right)`` and softcap: ``flash_attn_func``'s rules (bottom-right window,
+  -1 unbounded; ``softcap * tanh(score / softcap)`` before the bias), checked alike for every
+  backend; 'flash' (SDPA) cannot cap logits and raises NotImplementedError for a softcap.
 - context ``(batch, seqlen_q, n_heads * head_dim)`` in query's dtype; attn_weights
   ``(batch, n_heads, seqlen_q, seqlen_k)`` when ``needs_weights`` (torch backend only), else None.
 - A query row with no visible key gives 0 on every backend (and zero gradients), never NaN.
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import flash_attn_func
-from ..checks import check_alibi_slopes, check_bool, check_softmax_scale, check_tensor, type_name
+from ..checks import check_alibi_slopes, check_bool, check_softcap, check_softmax_scale, check_tensor, check_window, type_name
 from ..reference import attention_scores, attention_values, attention_weights, score_terms
 from .attn_bias import slice_attn_bias
 
@@ -60,6 +64,8 @@ class _Call:
     causal: bool
     softmax_scale: float
     alibi_slopes: torch.Tensor | None
+    window_size: tuple = (-1, -1)
+    softcap: float = 0.0
 
     @property
     def shape(self):
@@ -89,7 +95,8 @@ def _bool_bias_to_additive(bias: torch.Tensor, query: torch.Tensor) -> torch.Ten
 
 
 def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-             key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=False) -> _Call:
+             key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=False, window_size=(-1, -1),
+             softcap=0.0) -> _Call:
     """Validation shared by every backend, so that they accept and refuse the same inputs.
     ``slopes_checked_later``: the caller passes alibi_slopes to ``flash_attn_func``, which reads
     them on the host for the same finiteness check (one device-to-host copy, not two)."""
@@ -102,6 +109,8 @@ def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_sca
             raise TypeError(f"{name} must be an int, got {type_name(x)}")
     check_bool("is_causal", is_causal)
     check_softmax_scale(softmax_scale)
+    window_size = check_window(window_size, is_causal)
+    softcap = check_softcap(softcap)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type_name(dropout_p)}")
     if n_heads < 1 or kv_n_heads < 1 or n_heads % kv_n_heads != 0:
@@ -158,7 +167,7 @@ def _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_sca
         # The kernels' rules (float32, shape, no grad, finite) on every backend.
         check_alibi_slopes(alibi_slopes, batch, n_heads, query.device, check_finite=not slopes_checked_later)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    return _Call(q, k, v, (k, v), bias, key_padding_mask, bool(is_causal), float(scale), alibi_slopes)
+    return _Call(q, k, v, (k, v), bias, key_padding_mask, bool(is_causal), float(scale), alibi_slopes, window_size, softcap)
 
 
 def _additive_mask(c: _Call) -> torch.Tensor:
@@ -167,7 +176,7 @@ def _additive_mask(c: _Call) -> torch.Tensor:
     _, _, seqlen_q, seqlen_k = c.shape
     zeros = torch.zeros(1, 1, 1, 1, device=c.q.device)
     return score_terms(zeros, seqlen_q, seqlen_k, c.bias, c.causal, alibi_slopes=c.alibi_slopes,
-                       key_padding_mask=c.key_padding_mask)
+                       key_padding_mask=c.key_padding_mask, window_size=c.window_size)
 
 
 def _merge_heads(out: torch.Tensor) -> torch.Tensor:
@@ -183,16 +192,18 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def scaled_multihead_dot_product_attention(
     query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
     key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+    window_size=(-1, -1), softcap=0.0,
 ):
     """'torch' backend: the reference's scores and weights (``tritonflash.reference``), computed
     in fp32 (or wider) whatever the input dtype; supports ``needs_weights`` (weights after
     dropout) and dropout. See the module doc."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes, window_size=window_size, softcap=softcap)
     math_dtype = torch.promote_types(query.dtype, torch.float32)
     q, k, v = (x.to(math_dtype) for x in (c.q, c.k, c.v))  # (b, s, heads, d)
     scores = attention_scores(q, k, c.bias, c.causal, c.softmax_scale, alibi_slopes=c.alibi_slopes,
-                              key_padding_mask=c.key_padding_mask)  # (b, h, sq, sk)
+                              key_padding_mask=c.key_padding_mask, window_size=c.window_size,
+                              softcap=c.softcap)  # (b, h, sq, sk)
     weights = attention_weights(scores)
     if dropout_p > 0.0 and training:
         weights = F.dropout(weights, p=dropout_p, training=True)
@@ -203,6 +214,7 @@ def scaled_multihead_dot_product_attention(
 def flash_attn_fn(
     query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
     key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+    window_size=(-1, -1), softcap=0.0,
 ):
     """'flash' backend: ``torch.nn.functional.scaled_dot_product_attention``, PyTorch picks the
     kernel (flash / cuDNN / memory-efficient / math). See the module doc.
@@ -213,14 +225,17 @@ def flash_attn_fn(
     additive mask in q's dtype (SDPA's rule), and k/v are expanded to n_heads because SDPA's fused
     kernels do not take ``enable_gqa`` together with a mask (it would fall back to the math kernel)."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-                 key_padding_mask, is_causal, dropout_p, alibi_slopes)
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes, window_size=window_size, softcap=softcap)
     if needs_weights:
         raise NotImplementedError("attn_impl='flash' (PyTorch SDPA) cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
+    if c.softcap > 0.0:
+        raise NotImplementedError(f"attn_impl='flash' (PyTorch SDPA) cannot cap logits (attn_logit_softcapping={c.softcap}); "
+                                  "use attn_impl='triton' or 'torch'")
     _, _, seqlen_q, seqlen_k = c.shape
     q, k, v = (x.transpose(1, 2) for x in (c.q, c.k, c.v))  # (b, heads, s, d)
     dropout_p = dropout_p if training else 0.0
-    no_additive_terms = c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None
+    no_additive_terms = c.bias is None and c.alibi_slopes is None and c.key_padding_mask is None and c.window_size == (-1, -1)
     if no_additive_terms and (not c.causal or seqlen_q == seqlen_k or seqlen_q == 1):
         # SDPA's own is_causal (top-left) equals ours here; no mask lets PyTorch pick flash.
         out = F.scaled_dot_product_attention(
@@ -265,13 +280,15 @@ def triton_compute_dtype(x: torch.Tensor) -> torch.dtype:
 def triton_flash_attn_fn(
     query, key, value, n_heads, kv_n_heads, past_key_value=None, softmax_scale=None, attn_bias=None,
     key_padding_mask=None, is_causal=False, dropout_p=0.0, training=False, needs_weights=False, alibi_slopes=None,
+    window_size=(-1, -1), softcap=0.0,
 ):
     """'triton' backend: ``tritonflash.flash_attn_func`` (GQA native, ALiBi and key padding
     in-kernel, k/v never expanded). fp32 inputs run in ``triton_compute_dtype`` and the output
     is cast back. Dropout in training mode is the kernels' (its mask drawn from the device's
     generator). No attention weights. See the module doc."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
-                 key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=True)
+                 key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=True, window_size=window_size,
+                 softcap=softcap)
     if needs_weights:
         raise NotImplementedError("attn_impl='triton' cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
@@ -283,6 +300,7 @@ def triton_flash_attn_fn(
     out = flash_attn_func(
         c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias, c.causal, c.softmax_scale,
         alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask, dropout_p=dropout_p if training else 0.0,
+        window_size=c.window_size, softcap=c.softcap,
     )
     return out.flatten(2).to(query.dtype), None, c.past_key_value
 
