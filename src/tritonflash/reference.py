@@ -28,8 +28,8 @@ import torch
 
 from .bias import alibi_slopes_to_bias, masked_bias_entries
 
-__all__ = ["attention_ref", "varlen_attention_ref", "score_terms", "attention_scores", "attention_weights", "attention_values",
-           "repeat_kv", "dropout_keep_mask"]
+__all__ = ["attention_ref", "varlen_attention_ref", "kvcache_attention_ref", "kvcache_gather", "score_terms", "attention_scores",
+           "attention_weights", "attention_values", "repeat_kv", "dropout_keep_mask"]
 
 UNBOUNDED = (-1, -1)
 
@@ -310,3 +310,92 @@ def dropout_keep_mask(seed, shape, dropout_p: float, batch_start: int = 0, devic
     threshold = min(math.ceil(dropout_p * 65536), 65536)
     keep = draws[..., :seqlen_k] >= threshold
     return torch.from_numpy(np.ascontiguousarray(keep)).to(device)
+
+
+def _kvcache_lengths(cache_seqlens, batch: int, capacity: int) -> list:
+    """Valid cache tokens per sequence before the call, as host ints (None = a full cache)."""
+    if cache_seqlens is None:
+        return [capacity] * batch
+    if isinstance(cache_seqlens, torch.Tensor):
+        return [int(x) for x in cache_seqlens.reshape(-1).tolist()]
+    return [int(cache_seqlens)] * batch
+
+
+def kvcache_gather(cache: torch.Tensor, b: int, length: int, cache_batch_idx=None, block_table=None) -> torch.Tensor:
+    """The first ``length`` logical tokens (length, nheads_k, d) of sequence ``b`` of a KV cache:
+    row ``cache_batch_idx[b]`` (default ``b``) of a contiguous cache (batch_cache, seqlen_cache,
+    nheads_k, d), or, with ``block_table`` (batch, max_blocks), token j at slot ``j % block_size``
+    of physical block ``block_table[b, j // block_size]`` of a paged cache (num_blocks,
+    block_size, nheads_k, d). Reads nothing past ``length``."""
+    if block_table is None:
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        return cache[row, :length]
+    block_size = cache.shape[1]
+    j = torch.arange(length, device=cache.device)
+    phys = block_table[b].long()[j // block_size]
+    return cache[phys, j % block_size]
+
+
+def kvcache_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens=None,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple = UNBOUNDED,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+    upcast: bool = True,
+    reorder_ops: bool = False,
+):
+    """The semantics of ``flash_attn_with_kvcache``, without touching the cache (docs/semantics.md,
+    "KV-cache decoding").
+
+    Sequence b's keys are its ``cache_seqlens[b]`` cached tokens (``kvcache_gather``; an int applies
+    to every sequence, None means the whole cache: seqlen_cache, or max_blocks * block_size when
+    paged) followed by the ``s_new`` new tokens ``k[b]``/``v[b]`` when given: L = cache_seqlens[b] +
+    s_new keys. Attention of q[b] (sq, nheads, d) over them is ``attention_ref`` with seqlen_k = L:
+    causal, window and ALiBi aligned bottom-right to L (query i sees key j iff j <= i + L - sq),
+    ``bias`` broadcastable to (batch, nheads, sq, seqlen_cache) with its first L columns used,
+    softcap and sinks as there. A sequence with L = 0 gives out 0 and lse -inf (the sink alone:
+    lse = the sink). Returns out (batch, sq, nheads, d) in q's dtype, and lse (batch, nheads, sq)
+    fp32 with ``return_lse``."""
+    batch, seqlen_q, nheads, _ = q.shape
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    lengths = _kvcache_lengths(cache_seqlens, batch, capacity)
+    bias4 = None
+    if bias is not None:
+        bias4 = bias[(None,) * (4 - bias.dim())].expand(batch, nheads, seqlen_q, capacity)
+    outs, lses = [], []
+    for b in range(batch):
+        kb = kvcache_gather(k_cache, b, lengths[b], cache_batch_idx, block_table)
+        vb = kvcache_gather(v_cache, b, lengths[b], cache_batch_idx, block_table)
+        if k is not None:
+            kb, vb = torch.cat([kb, k[b]]), torch.cat([vb, v[b]])
+        length = kb.shape[0]
+        if length == 0:
+            outs.append(torch.zeros_like(q[b:b + 1]))
+            lse = torch.full((1, nheads, seqlen_q), float("-inf"), device=q.device)
+            if sinks is not None:
+                lse = sinks.detach().float().view(1, nheads, 1).expand(1, nheads, seqlen_q)
+            lses.append(lse)
+            continue
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+        bias_b = None if bias4 is None else bias4[b:b + 1, :, :, :length]
+        o, lse = attention_ref(q[b:b + 1], kb[None], vb[None], bias_b, causal, softmax_scale, upcast, reorder_ops,
+                               alibi_slopes=slopes, return_lse=True, window_size=window_size, softcap=softcap, sinks=sinks)
+        outs.append(o)
+        lses.append(lse.float())
+    out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out
