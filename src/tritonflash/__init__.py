@@ -18,6 +18,7 @@ from .api import (  # noqa: E402
 )
 from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc  # noqa: E402
 from .bias import build_alibi_bias, gen_slopes  # noqa: E402
+from .kvcache import flash_attn_with_kvcache  # noqa: E402
 from .lowlevel import _flash_attn_backward, _flash_attn_forward  # noqa: E402
 from .padding import pad_input, unpad_input  # noqa: E402
 from .reference import attention_ref  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
     "unpad_input",
     "pad_input",
     "FlashAttnFunc",

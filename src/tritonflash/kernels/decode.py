@@ -1,0 +1,285 @@
+"""KV-cache decoding (``flash_attn_with_kvcache``): split-KV attention of a few query rows
+over a contiguous or paged cache, then an LSE merge of the splits.
+
+One program per (split, query-row block, batch, kv head). Its M dimension is every query
+head of the kv head's GQA group times the query rows (row r: query ``r // GROUP``, head
+``kv_head * GROUP + r % GROUP``), so MQA/GQA decoding reads each K/V tile once for the whole
+group. The key range of the rows (``common._key_range``, aligned to the sequence's valid
+length L = ``seqlens_k[b]``) is cut into ``NUM_SPLITS`` equal runs of key blocks; each
+program stores its unnormalised-free partial (out normalised by its own sum, fp32) and its
+LSE, and ``combine_splits`` merges them (with the sinks) in a fixed order: deterministic for
+a given number of splits.
+
+The score is ``common._score``/``_visible`` with a ``ScoreCtx`` whose ALiBi slope is a
+per-row [M, 1] column and whose bias pointer a per-row [M] vector (the rows of one program
+belong to different query heads). Sinks enter only the merge (once per row, not per split).
+
+Paged caches: key j of sequence b is slot ``j % PAGE`` of physical block
+``block_table[b, j // PAGE]``; BLOCK_N divides PAGE, so a key tile never straddles two blocks.
+Keys at or past L are never loaded (masked loads), so a cache's unused slots may hold anything.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    LN2,
+    LOG2E,
+    NO_FEATURES,
+    Problem,
+    ScoreCtx,
+    _cast,
+    _dot,
+    _finite_rows,
+    _key_range,
+    _load_rows,
+    _score,
+    _shift,
+    _visible,
+    launch_meta,
+)
+from .configs import INTERPRET
+
+# Largest key tile; the tile is the largest power of two <= this that divides the page size.
+MAX_BLOCK_N = 16 if INTERPRET else 64
+# Rows (query heads of a group x query rows) per program; more rows take more programs.
+MAX_BLOCK_M = 32 if INTERPRET else 64
+MAX_SPLITS = 128
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+
+
+@triton.jit
+def _decode_ctx(args, off_b, off_hk, heads, VAR: tl.constexpr):
+    """``ScoreArgs`` resolved for the rows of one decode program: ``heads`` ([M], int64) is
+    each row's query head. The ALiBi slope is an [M, 1] column and the bias pointer an [M]
+    vector (one per row); sinks are merged after the splits (-inf here)."""
+    slope = 0.0
+    if VAR.HAS_ALIBI:
+        slope = tl.load(args.slopes + off_b * args.stride_slopes_b + heads * args.stride_slopes_h).to(tl.float32) * -LOG2E
+        slope = slope[:, None]
+    bias_ptr = args.bias
+    if VAR.HAS_BIAS:
+        bias_ptr = args.bias + off_b * args.stride_bias_b + heads * args.stride_bias_h
+    return ScoreCtx(args.qk_scale, slope, bias_ptr, args.stride_bias_m, args.stride_bias_n, args.kpm, args.window_left,
+                    args.window_right, args.softcap, float("-inf"), off_b.to(tl.int32), off_hk.to(tl.int32), 0,
+                    args.dropout_threshold, args.dropout_scale, args.amask, args.stride_amask_m, args.stride_amask_n)
+
+
+@triton.jit
+def _kv_tiles(K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk, start_n, PAGE: tl.constexpr):
+    """The K and V ``_slice``s whose row 0 is logical key ``start_n`` of this sequence."""
+    if PAGE > 0:
+        phys = tl.load(BlockTable + off_b * stride_bt[0] + (start_n // PAGE) * stride_bt[1]).to(tl.int64)
+        slot = start_n % PAGE
+        k_base = K + phys * stride_k[0] + _shift(slot, stride_k[1]) + off_hk * stride_k[2]
+        v_base = V + phys * stride_v[0] + _shift(slot, stride_v[1]) + off_hk * stride_v[2]
+    else:
+        k_base = K + cache_row * stride_k[0] + _shift(start_n, stride_k[1]) + off_hk * stride_k[2]
+        v_base = V + cache_row * stride_v[0] + _shift(start_n, stride_v[1]) + off_hk * stride_v[2]
+    return (k_base, (stride_k[1], stride_k[3])), (v_base, (stride_v[1], stride_v[3]))
+
+
+@triton.jit
+def _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk, ctx, qi,
+                  offs_d, lo, hi, seqlen_q, seqlen_k, head_dim, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr,
+                  VAR: tl.constexpr):
+    """The forward's online-softmax step (``forward._attn_fwd_inner``) over key blocks [lo, hi)
+    of one sequence; ``qi`` ([M]) is each row's query index, ``seqlen_k`` the valid length L."""
+    offs_t = tl.arange(0, BLOCK_N)
+    rows = qi[:, None]
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK else None):
+        k_slc, v_slc = _kv_tiles(K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk, start_n, PAGE)
+        offs_n = start_n + offs_t
+        cols = offs_n[None, :]
+        # Keys at or past L (only in masked blocks) are not loaded: read as 0.
+        k = _load_rows(k_slc, offs_t, seqlen_k - start_n, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)
+        qk = _dot(q, tl.trans(k), None, VAR)
+        bias = 0.0
+        if VAR.HAS_BIAS:
+            bptrs = ctx.bias_ptr[:, None] + rows.to(tl.int64) * ctx.stride_bias_m + cols.to(tl.int64) * ctx.stride_bias_n
+            if MASK:
+                bias = tl.load(bptrs, mask=cols < seqlen_k, other=0.0)
+            else:
+                bias = tl.load(bptrs)
+        vis = _visible(rows, cols, seqlen_q, seqlen_k, True, ctx, MASK=MASK, VAR=VAR)
+        s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = _load_rows(v_slc, offs_t, seqlen_k - start_n, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)
+        if MASK:
+            # As in the forward: a non-finite value of an invisible key never reaches a row.
+            v, bad = _finite_rows(v)
+            p = tl.where(bad[None, :] & vis, float("nan"), p)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(_cast(p, v.dtype, VAR.INTERP_BF16), v, acc, VAR)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q"])
+def _attn_decode(
+    Q, K, V, OutP, LseP, SeqlensK, CacheBatch, BlockTable,
+    score,  # ScoreArgs
+    stride_q, stride_k, stride_v, stride_op, stride_lp, stride_bt,
+    nheads_k, seqlen_q, head_dim, m_blocks,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, HAS_CB: tl.constexpr, VAR: tl.constexpr,
+):
+    """q (batch, sq, nheads, d); K/V the cache, (batch_cache, seqlen_cache, nheads_k, d) or
+    paged (num_blocks, PAGE, nheads_k, d) with ``BlockTable`` (batch, max_blocks) (PAGE > 0);
+    ``SeqlensK`` (batch,) int32 valid keys; ``CacheBatch`` (batch,) int32 cache rows (HAS_CB);
+    OutP (splits, batch, sq, nheads, d) and LseP (splits, batch, sq, nheads) fp32 partials.
+    ``BLOCK_Q``: a power of two >= the query rows one program spans (for ``_key_range``)."""
+    tl.static_assert(VAR.BLOCK_D >= 16)
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    mb = (pid // NUM_SPLITS) % m_blocks
+    bh = (pid // NUM_SPLITS // m_blocks).to(tl.int64)
+    off_b = bh // nheads_k
+    off_hk = bh % nheads_k
+    seqlen_k = tl.load(SeqlensK + off_b)
+    if HAS_CB:
+        cache_row = tl.load(CacheBatch + off_b).to(tl.int64)
+    else:
+        cache_row = off_b
+
+    offs_r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < GROUP * seqlen_q
+    # Padding rows alias the last query row: computed, never stored.
+    qi = tl.where(row_ok, offs_r // GROUP, seqlen_q - 1)
+    heads = off_hk * GROUP + (offs_r % GROUP).to(tl.int64)
+    ctx = _decode_ctx(score, off_b, off_hk, heads, VAR)
+    BLOCK_D: tl.constexpr = VAR.BLOCK_D
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + off_b * stride_q[0] + qi[:, None].to(tl.int64) * stride_q[1] + heads[:, None] * stride_q[2] + offs_d[None, :] * stride_q[3]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+
+    # The key blocks any row of this program may see, cut into NUM_SPLITS runs of blocks.
+    start_q = (mb * BLOCK_M) // GROUP
+    lo, full_lo, full_hi, hi = _key_range(start_q, seqlen_q, seqlen_k, ctx, BLOCK_Q, BLOCK_N, VAR=VAR)
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    s_lo = tl.minimum(lo + split * per, hi)
+    s_hi = tl.minimum(s_lo + per, hi)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if VAR.MASK_BOTH_EDGES:
+        acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk,
+                                      ctx, qi, offs_d, s_lo, tl.minimum(s_hi, full_lo), seqlen_q, seqlen_k, head_dim, BLOCK_N,
+                                      PAGE, MASK=True, VAR=VAR)
+    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk,
+                                  ctx, qi, offs_d, tl.maximum(s_lo, full_lo), tl.minimum(s_hi, full_hi), seqlen_q, seqlen_k,
+                                  head_dim, BLOCK_N, PAGE, MASK=False, VAR=VAR)
+    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk,
+                                  ctx, qi, offs_d, tl.maximum(s_lo, full_hi), s_hi, seqlen_q, seqlen_k, head_dim, BLOCK_N,
+                                  PAGE, MASK=True, VAR=VAR)
+
+    # A split with no visible key: out 0, lse -inf (weight 0 in the merge).
+    dead = l_i == 0.0
+    acc = acc / tl.where(dead, 1.0, l_i)[:, None]
+    lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
+    row_off = split.to(tl.int64) * stride_op[0] + off_b * stride_op[1] + qi.to(tl.int64) * stride_op[2] + heads * stride_op[3]
+    tl.store(OutP + row_off[:, None] + offs_d[None, :] * stride_op[4], acc, mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+    lse_off = split.to(tl.int64) * stride_lp[0] + off_b * stride_lp[1] + qi.to(tl.int64) * stride_lp[2] + heads * stride_lp[3]
+    tl.store(LseP + lse_off, lse, mask=row_ok)
+
+
+def key_tile(page_size: int | None) -> int:
+    """The key tile: MAX_BLOCK_N, or for a paged cache the largest power of two <= it that
+    divides the page size (which must be a multiple of 16)."""
+    if page_size is None:
+        return MAX_BLOCK_N
+    tile = MAX_BLOCK_N
+    while page_size % tile:
+        tile //= 2
+    return tile
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(batch: int, nheads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """num_splits=0: enough programs for about two waves of the GPU's SMs, each split at least
+    four key tiles of the longest possible sequence (``max_keys``, a host-side bound: the
+    cache's capacity unless the lengths are host ints), at most MAX_SPLITS. Under the
+    interpreter, at most 2. A function of shapes only, so the same call always splits alike."""
+    tiles = max(1, triton.cdiv(max_keys, block_n))
+    programs = batch * nheads_k * m_blocks
+    if device.type != "cuda":
+        return max(1, min(2, tiles // 2))
+    want = triton.cdiv(2 * _sm_count(device.index or 0), programs)
+    return max(1, min(want, tiles // 4, MAX_SPLITS))
+
+
+def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, causal, softmax_scale,
+                features=NO_FEATURES, num_splits=0, max_keys=None):
+    """Launch the decode kernel on validated, normalised inputs: q (b, sq, h, d) (unit stride
+    on d), k/v caches (unit stride on d) already holding the appended tokens, ``seqlens_k`` (b,)
+    int32 valid lengths, ``cache_batch_idx`` (b,) int32 or None, ``block_table`` (b, max_blocks)
+    int32 or None, bias a rank-4 view or None, alibi_slopes (1 or b, h) fp32 or None,
+    ``features`` window/softcap/sinks. Returns the fp32 partials (out (splits, b, sq, h, d),
+    lse (splits, b, sq, h)); ``combine_splits`` merges them."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[2]
+    group = nheads // nheads_k
+    page = 0 if block_table is None else k_cache.shape[1]
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * page
+    block_n = key_tile(page or None)
+    rows = group * seqlen_q
+    block_m = max(16, min(triton.next_power_of_2(rows), MAX_BLOCK_M))
+    m_blocks = triton.cdiv(rows, block_m)
+    block_q = min(block_m, triton.next_power_of_2(seqlen_q))
+    if num_splits == 0:
+        num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device)
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    pb = Problem(batch, seqlen_q, capacity, nheads, nheads_k, head_dim)
+    # No key padding mask; the sinks are merged by combine_splits, not passed to the kernel.
+    meta = launch_meta(pb, q, causal, bias, alibi_slopes, None, softmax_scale, (q,), features._replace(sinks=None))
+    out_p = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), device=q.device, dtype=torch.float32)
+    lse_p = torch.empty((num_splits, batch, seqlen_q, nheads), device=q.device, dtype=torch.float32)
+    bt = q if block_table is None else block_table
+    grid = (num_splits * m_blocks * batch * nheads_k,)
+    _attn_decode[grid](
+        q, k_cache, v_cache, out_p, lse_p, seqlens_k, q if cache_batch_idx is None else cache_batch_idx, bt,
+        meta.score,
+        q.stride(), k_cache.stride(), v_cache.stride(), out_p.stride(), lse_p.stride(),
+        (0, 0) if block_table is None else block_table.stride(),
+        nheads_k, seqlen_q, head_dim, m_blocks,
+        GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=page,
+        HAS_CB=cache_batch_idx is not None, VAR=meta.variant,
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+    )
+    return out_p, lse_p
+
+
+def combine_splits(out_p, lse_p, sinks=None, dtype=None):
+    """Merge split partials: lse = logsumexp over the splits (and the row's sink logit), out =
+    sum over splits of exp(lse_s - lse) * out_s, in split order (fixed reductions, no atomics:
+    the same bits for the same number of splits). A row whose every split is empty gets out 0
+    and lse -inf (the sink alone: lse = the sink). Returns out (b, sq, h, d) in ``dtype`` and lse
+    (b, h, sq) fp32."""
+    lse_all = lse_p
+    if sinks is not None:
+        _, b, sq, h = lse_p.shape
+        lse_all = torch.cat([lse_p, sinks.float().view(1, 1, 1, h).expand(1, b, sq, h)])
+    top = lse_all.amax(dim=0)
+    top_safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = torch.exp(lse_all - top_safe).sum(dim=0)
+    lse = torch.where(total > 0, torch.log(total) + top_safe, torch.full_like(top, float("-inf")))
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lse_p - lse_safe)  # 0 for empty splits (lse_s = -inf)
+    out = (w[..., None] * out_p).sum(dim=0)
+    return out.to(out_p.dtype if dtype is None else dtype), lse.permute(0, 2, 1).contiguous()

@@ -1,0 +1,287 @@
+"""flash_attn_with_kvcache (issue 14): the decode kernel against kvcache_attention_ref under the
+tolerance rule (docs/testing.md), the in-place append, split determinism and validation.
+
+CPU tier: tiny shapes in the interpreter (key tile 16, at most 32 rows a program), so that
+sequences cross several key tiles and pages, end mid-tile, and GQA groups times query rows
+take more than one program. GPU tier (``gpu`` marker): realistic sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from helpers import FWD_FACTOR, assert_close_to_ref
+from tritonflash import attention_ref, flash_attn_with_kvcache, gen_slopes
+from tritonflash.reference import kvcache_attention_ref
+
+
+def make_cache(batch, seqlen_q, nheads, nheads_k, d, capacity, lengths, dtype=torch.float16, s_new=0, page=None, batch_cache=None,
+               device=DEVICE):
+    """q, caches (NaN in every slot at or past each sequence's length + s_new), new k/v, and
+    block_table (paged: blocks shuffled, unused entries out of range) or None."""
+    q = torch.randn(batch, seqlen_q, nheads, d, dtype=dtype, device=device)
+    k_new = v_new = None
+    if s_new:
+        k_new = torch.randn(batch, s_new, nheads_k, d, dtype=dtype, device=device)
+        v_new = torch.randn_like(k_new)
+    if page is None:
+        rows = batch if batch_cache is None else batch_cache
+        kc = torch.randn(rows, capacity, nheads_k, d, dtype=dtype, device=device)
+        vc = torch.randn_like(kc)
+        return q, kc, vc, k_new, v_new, None
+    max_blocks = capacity // page
+    num_blocks = batch * max_blocks + 3
+    kc = torch.full((num_blocks, page, nheads_k, d), float("nan"), dtype=dtype, device=device)
+    vc = torch.full_like(kc, float("nan"))
+    perm = torch.randperm(num_blocks, device=device)[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    table = perm.clone()
+    for b, n in enumerate(lengths):
+        used = -(-(n + s_new) // page)
+        table[b, used:] = num_blocks + 7  # never read
+        for j in range(n):
+            blk, slot = perm[b, j // page], j % page
+            kc[blk, slot] = torch.randn(nheads_k, d, dtype=dtype, device=device)
+            vc[blk, slot] = torch.randn(nheads_k, d, dtype=dtype, device=device)
+    return q, kc, vc, k_new, v_new, table
+
+
+def poison(kc, vc, lengths, cache_batch_idx=None):
+    """NaN in every contiguous-cache slot past each sequence's valid length."""
+    for b, n in enumerate(lengths):
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        kc[row, n:] = float("nan")
+        vc[row, n:] = float("nan")
+
+
+def check(q, kc, vc, k_new, v_new, *, lengths, check_cache=True, **kw):
+    """Run flash_attn_with_kvcache on copies of the caches; compare out and lse with the
+    reference (fp32 oracle and same-precision baseline) and the caches with the append."""
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    kw.setdefault("cache_seqlens", seqlens)
+    ref_kw = {k: v for k, v in kw.items() if k != "num_splits"}
+    out_ref, lse_ref = kvcache_attention_ref(q, kc, vc, k_new, v_new, return_lse=True, **ref_kw)
+    out_pt, lse_pt = kvcache_attention_ref(q, kc, vc, k_new, v_new, return_lse=True, upcast=False, reorder_ops=True, **ref_kw)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = flash_attn_with_kvcache(q, kc2, vc2, k_new, v_new, return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close_to_ref("out", out, out_ref, out_pt, FWD_FACTOR)
+    assert_close_to_ref("lse", lse, lse_ref, lse_pt, FWD_FACTOR)
+    if check_cache and k_new is not None:
+        cbi, table = kw.get("cache_batch_idx"), kw.get("block_table")
+        s_new = k_new.shape[1]
+        for b, n in enumerate(lengths):
+            for t in range(s_new):
+                j = n + t
+                if table is None:
+                    row = b if cbi is None else int(cbi[b])
+                    got_k, got_v = kc2[row, j], vc2[row, j]
+                else:
+                    blk = int(table[b, j // kc.shape[1]])
+                    got_k, got_v = kc2[blk, j % kc.shape[1]], vc2[blk, j % kc.shape[1]]
+                assert torch.equal(got_k, k_new[b, t]) and torch.equal(got_v, v_new[b, t]), f"append of sequence {b} token {t}"
+        written = (kc2 != kc) & ~(kc2.isnan() & kc.isnan())
+        assert written.sum() <= k_new.numel(), "the append wrote outside its slots"
+    return out, lse
+
+
+# Covering set: every factor value at least once (layout x append x GQA x dtype x score terms).
+CASES = [
+    # id, (batch, sq, h, hk, d, capacity, lengths), dtype, s_new, page, extra
+    ("contig-mha-causal", (2, 1, 2, 2, 32, 70, [37, 5]), torch.float16, 0, None, dict(causal=True)),
+    ("contig-gqa-append-d40", (2, 1, 4, 2, 40, 64, [40, 17]), torch.bfloat16, 1, None, dict(causal=True)),
+    ("paged16-mqa-append-sq2", (2, 2, 4, 1, 32, 64, [30, 3]), torch.float16, 2, 16, dict(causal=True)),
+    ("paged32-alibi-bias-sq3", (2, 3, 4, 2, 16, 96, [50, 70]), torch.bfloat16, 0, 32,
+     dict(causal=True, alibi=True, bias=(2, 4, 3, 96))),
+    ("contig-window-softcap-sinks", (1, 2, 4, 2, 32, 80, [75]), torch.float16, 3, None,
+     dict(causal=True, window_size=(20, 0), softcap=5.0, sinks=True)),
+    ("contig-noncausal-biasvec", (2, 1, 2, 1, 32, 48, [48, 20]), torch.bfloat16, 0, None, dict(bias=(1, 2, 1, 48))),
+    ("contig-gqa-sq5-two-mblocks", (1, 5, 8, 1, 16, 40, [33]), torch.float16, 2, None, dict(causal=True, alibi=True)),
+    ("paged48-window-both", (1, 3, 2, 2, 32, 96, [60]), torch.float16, 1, 48, dict(window_size=(10, 4))),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_against_reference(case):
+    _, (b, sq, h, hk, d, cap, lengths), dtype, s_new, page, extra = case
+    q, kc, vc, k_new, v_new, table = make_cache(b, sq, h, hk, d, cap, lengths, dtype, s_new, page)
+    if table is None:
+        poison(kc, vc, [n + s_new for n in lengths])
+    kw = dict(causal=extra.get("causal", False), window_size=extra.get("window_size", (-1, -1)), softcap=extra.get("softcap", 0.0),
+              block_table=table, num_splits=3)
+    if extra.get("alibi"):
+        kw["alibi_slopes"] = gen_slopes(h, device=q.device)
+    if "bias" in extra:
+        kw["bias"] = torch.randn(*extra["bias"], device=q.device)
+    if extra.get("sinks"):
+        kw["sinks"] = torch.randn(h, device=q.device)
+    check(q, kc, vc, k_new, v_new, lengths=lengths, **kw)
+
+
+def test_cache_batch_idx_with_append():
+    q, kc, vc, k_new, v_new, _ = make_cache(2, 1, 4, 2, 32, 50, [20, 33], s_new=2, batch_cache=3)
+    cbi = torch.tensor([2, 0], dtype=torch.int32, device=q.device)
+    poison(kc, vc, [22, 35], cbi)
+    kc[1] = float("nan")  # a row no sequence uses
+    vc[1] = float("nan")
+    check(q, kc, vc, k_new, v_new, lengths=[20, 33], cache_batch_idx=cbi, causal=True)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_empty_cache(sinks):
+    """cache_seqlens 0: with no append every row is dead (out 0, lse -inf or the sink); with an
+    append the new tokens alone."""
+    q, kc, vc, k_new, v_new, _ = make_cache(2, 2, 2, 1, 16, 32, [0, 0], s_new=2)
+    poison(kc, vc, [0, 0])
+    s = torch.randn(2, device=q.device) if sinks else None
+    out, lse = check(q, kc, vc, None, None, lengths=[0, 0], causal=True, sinks=s)
+    assert torch.equal(out, torch.zeros_like(out))
+    want = s.view(1, 2, 1).expand_as(lse) if sinks else torch.full_like(lse, float("-inf"))
+    assert torch.equal(lse, want)
+    check(q, kc, vc, k_new, v_new, lengths=[0, 0], causal=True, sinks=s)
+
+
+def test_full_cache():
+    """cache_seqlens = capacity (and None: the whole cache); an append that ends exactly at it."""
+    q, kc, vc, k_new, v_new, table = make_cache(1, 1, 2, 2, 32, 64, [64], page=16)
+    check(q, kc, vc, None, None, lengths=[64], block_table=table, causal=True)
+    out_none = flash_attn_with_kvcache(q, kc, vc, block_table=table, causal=True)
+    assert torch.equal(out_none, flash_attn_with_kvcache(q, kc, vc, cache_seqlens=64, block_table=table, causal=True))
+    q, kc, vc, k_new, v_new, _ = make_cache(1, 1, 2, 2, 32, 40, [37], s_new=3)
+    check(q, kc, vc, k_new, v_new, lengths=[37], cache_seqlens=37, causal=True)  # an int
+
+
+def test_splits_within_tolerance_and_deterministic():
+    q, kc, vc, k_new, v_new, table = make_cache(2, 1, 4, 2, 32, 96, [90, 41], s_new=1, page=32)
+    kw = dict(block_table=table, causal=True, alibi_slopes=gen_slopes(4, device=q.device))
+    seqlens = torch.tensor([90, 41], dtype=torch.int32, device=q.device)
+    outs = {}
+    for ns in (1, 2, 7, 0):
+        out, _ = check(q, kc, vc, k_new, v_new, lengths=[90, 41], num_splits=ns, **kw)
+        kc2, vc2 = kc.clone(), vc.clone()
+        again = flash_attn_with_kvcache(q, kc2, vc2, k_new, v_new, cache_seqlens=seqlens, num_splits=ns, **kw)
+        assert torch.equal(out, again), f"num_splits={ns} not deterministic"
+        outs[ns] = out
+    assert not all(torch.equal(outs[1], outs[n]) for n in (2, 7))  # the splits really merge
+
+
+def test_step_by_step_decoding_equals_full_attention():
+    """Appending one token per call and attending causally gives attention_ref over the whole
+    sequence, row by row."""
+    b, s, h, hk, d = 1, 6, 4, 2, 32
+    q = torch.randn(b, s, h, d, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(b, s, hk, d, dtype=torch.float16, device=DEVICE)
+    v = torch.randn_like(k)
+    full = attention_ref(q, k, v, causal=True)
+    kc = torch.full((b, 32, hk, d), float("nan"), dtype=torch.float16, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    flash_attn_with_kvcache(q[:, :2], kc, vc, k[:, :2], v[:, :2], cache_seqlens=0, causal=True)  # a 2-token prefill
+    for t in range(2, s):
+        out = flash_attn_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1], cache_seqlens=t, causal=True)
+        assert (out.float() - full[:, t:t + 1].float()).abs().max().item() < 2e-3
+    assert torch.equal(kc[:, :s], k) and torch.equal(vc[:, :s], v) and kc[:, s:].isnan().all()
+
+
+def test_reference_matches_attention_ref_on_a_full_cache():
+    q, kc, vc, _, _, _ = make_cache(2, 3, 4, 2, 16, 12, [12, 12])
+    bias = torch.randn(2, 4, 3, 12, device=q.device)
+    want = attention_ref(q, kc, vc, bias, True, alibi_slopes=gen_slopes(4, device=q.device))
+    got = kvcache_attention_ref(q, kc, vc, causal=True, bias=bias, alibi_slopes=gen_slopes(4, device=q.device))
+    assert torch.equal(got, want)
+
+
+def test_inference_only():
+    q, kc, vc, _, _, _ = make_cache(1, 1, 2, 2, 16, 16, [16])
+    with pytest.raises(NotImplementedError, match="q requires grad"):
+        flash_attn_with_kvcache(q.requires_grad_(), kc, vc)
+    with torch.no_grad():
+        flash_attn_with_kvcache(q, kc, vc)
+
+
+ERRORS = [
+    ("q-rank", lambda a: a.update(q=a["q"][0]), ValueError, "q must have rank 4"),
+    ("q-dtype", lambda a: a.update(q=a["q"].float()), TypeError, "q must be float16 or bfloat16"),
+    ("cache-dtype", lambda a: a.update(k_cache=a["k_cache"].bfloat16()), TypeError, "k_cache must have q's dtype"),
+    ("cache-shape", lambda a: a.update(v_cache=a["v_cache"][:, :8]), ValueError, "same shape"),
+    ("heads", lambda a: a.update(q=torch.randn(2, 1, 3, 16, dtype=torch.float16, device=DEVICE)), ValueError, "multiple of the cache's"),
+    ("head-dim", lambda a: a.update(q=a["q"][..., :8]), ValueError, "head dim"),
+    ("cache-batch", lambda a: a.update(k_cache=a["k_cache"][:1], v_cache=a["v_cache"][:1]), ValueError, "k_cache's batch"),
+    ("k-without-v", lambda a: a.update(k=a["k_new"]), ValueError, "given together"),
+    ("k-shape", lambda a: a.update(k=a["k_new"][:, :, :1], v=a["v_new"][:, :, :1]), ValueError, "k must have shape"),
+    ("seqlens-dtype", lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), TypeError, "cache_seqlens must be int32"),
+    ("seqlens-shape", lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens must have shape"),
+    ("seqlens-type", lambda a: a.update(cache_seqlens=3.0), TypeError, "cache_seqlens must be an int"),
+    ("seqlens-overflow", lambda a: a.update(k=a["k_new"], v=a["v_new"], cache_seqlens=15), ValueError, r"\+ 2 must be between 0 and"),
+    ("seqlens-negative", lambda a: a.update(cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32, device=DEVICE)), ValueError,
+     r"cache_seqlens\[0\]"),
+    ("append-full", lambda a: a.update(k=a["k_new"], v=a["v_new"], cache_seqlens=None), ValueError, "no room"),
+    ("cbi-range", lambda a: a.update(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE)), ValueError,
+     "cache_batch_idx entries"),
+    ("cbi-repeat", lambda a: a.update(k=a["k_new"], v=a["v_new"], cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32,
+                                                                                                  device=DEVICE)),
+     ValueError, "must not repeat"),
+    ("table-dtype", lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)), TypeError,
+     "block_table must be int32"),
+    ("table-page", lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+                                      k_cache=a["k_cache"][:, :8], v_cache=a["v_cache"][:, :8]), ValueError, "multiple of 16"),
+    ("table-range", lambda a: a.update(block_table=torch.tensor([[0], [5]], dtype=torch.int32, device=DEVICE)), ValueError,
+     r"block_table\[1, 0\] = 5 is out of range"),
+    ("table-with-cbi", lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+                                          cache_batch_idx=torch.zeros(2, dtype=torch.int32, device=DEVICE)), ValueError,
+     "cannot be combined"),
+    ("bias-shape", lambda a: a.update(bias=torch.zeros(1, 2, 1, 15, device=DEVICE)), ValueError, "seqlen_cache"),
+    ("bias-dtype", lambda a: a.update(bias=torch.zeros(1, 2, 1, 16, dtype=torch.float64, device=DEVICE)), TypeError, "bias must be"),
+    ("slopes", lambda a: a.update(alibi_slopes=torch.ones(3, device=DEVICE)), ValueError, "alibi_slopes must have shape"),
+    ("sinks", lambda a: a.update(sinks=torch.ones(3, device=DEVICE)), ValueError, "sinks must have shape"),
+    ("window", lambda a: a.update(window_size=(4, 2), causal=True), ValueError, "causal=True means"),
+    ("softcap", lambda a: a.update(softcap=-1.0), ValueError, "softcap"),
+    ("causal", lambda a: a.update(causal=1), TypeError, "causal must be a bool"),
+    ("num-splits", lambda a: a.update(num_splits=-1), ValueError, "num_splits must be >= 0"),
+    ("num-splits-type", lambda a: a.update(num_splits=2.0), TypeError, "num_splits must be an int"),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_validation(mutate, exc, match):
+    q, kc, vc, k_new, v_new, _ = make_cache(2, 1, 2, 2, 16, 16, [4, 9], s_new=2)
+    args = dict(q=q, k_cache=kc, v_cache=vc, k_new=k_new, v_new=v_new,
+                cache_seqlens=torch.tensor([4, 9], dtype=torch.int32, device=DEVICE))
+    mutate(args)
+    k_new, v_new = args.pop("k_new"), args.pop("v_new")
+    snapshot = (args["k_cache"].clone(), args["v_cache"].clone())
+    with pytest.raises(exc, match=match):
+        flash_attn_with_kvcache(**args)
+    # Nothing was written before the error.
+    assert torch.equal(args["k_cache"], snapshot[0]) and torch.equal(args["v_cache"], snapshot[1])
+    del k_new, v_new
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16, 64, 256])
+@pytest.mark.parametrize("nheads_k", [8, 1])
+def test_gpu_realistic(page, nheads_k):
+    b, h, d, cap = 4, 32, 128, 4096
+    lengths = [4095, 1000, 1, 2500]
+    q, kc, vc, k_new, v_new, table = make_cache(b, 1, h, nheads_k, d, cap, lengths, torch.bfloat16, s_new=1, page=page)
+    if table is None:
+        poison(kc, vc, [n + 1 for n in lengths])
+    kw = dict(block_table=table, causal=True, alibi_slopes=gen_slopes(h, device=q.device))
+    outs = [check(q, kc, vc, k_new, v_new, lengths=lengths, num_splits=ns, check_cache=ns == 0, **kw)[0] for ns in (0, 1, 16)]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    for ns, out in zip((0, 1, 16), outs):
+        kc2, vc2 = kc.clone(), vc.clone()
+        assert torch.equal(out, flash_attn_with_kvcache(q, kc2, vc2, k_new, v_new, cache_seqlens=seqlens, num_splits=ns, **kw))
+
+
+@pytest.mark.gpu
+def test_gpu_every_feature_sq4():
+    b, sq, h, hk, d, cap = 3, 4, 16, 4, 64, 2048
+    lengths = [2000, 700, 0]
+    q, kc, vc, k_new, v_new, table = make_cache(b, sq, h, hk, d, cap, lengths, torch.float16, s_new=4, page=128)
+    check(q, kc, vc, k_new, v_new, lengths=lengths, block_table=table, causal=True, window_size=(512, 0), softcap=30.0,
+          sinks=torch.randn(h, device=q.device), bias=torch.randn(b, h, sq, cap, device=q.device),
+          alibi_slopes=gen_slopes(h, device=q.device))
