@@ -82,6 +82,26 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float3
              sinks_grad=sinks)
 
 
+def run_decode_case(d, dtype, nheads, nheads_k, seqlen_q=1, page=None, alibi=False, bias=False, window=(-1, -1), softcap=0.0,
+                    causal=True, cbi=False, splits=4):
+    """The decode kernel (issue 14) as flash_attn_with_kvcache launches it."""
+    from tritonflash.kernels.decode import attn_decode
+
+    b, cap = 2, 512
+    dt = getattr(torch, dtype)
+    q = torch.empty(b, seqlen_q, nheads, d, dtype=dt)
+    table = None
+    if page:
+        kc = torch.empty(b * cap // page, page, nheads_k, d, dtype=dt)
+        table = torch.zeros(b, cap // page, dtype=torch.int32)
+    else:
+        kc = torch.empty(b, cap, nheads_k, d, dtype=dt)
+    bias_t = torch.empty(b, nheads, seqlen_q, cap) if bias else None
+    attn_decode(q, kc, kc, torch.zeros(b, dtype=torch.int32), torch.zeros(b, dtype=torch.int32) if cbi else None, table, bias_t,
+                torch.empty(1, nheads) if alibi else None, causal, 0.1, Features(window=tuple(window), softcap=softcap),
+                num_splits=splits)
+
+
 def _ptxas_serialises_wgmma(ptx):
     """ptxas warning C7515: wgmma serialised because other instructions write its accumulator
     registers inside a pipeline stage (register pressure); it cost 10-15% on the H200."""
@@ -113,8 +133,9 @@ def main():
             )
         _compiled.clear()
         label = json.dumps({**case, "force": forced}, sort_keys=True)
+        kind = case.pop("kind", "attn")
         try:
-            run_case(**case)
+            (run_decode_case if kind == "decode" else run_case)(**case)
             for name, kern in _compiled:
                 row = {"case": label, "kernel": name, "shared": kern.metadata.shared, "wgmma": "wgmma.mma_async" in kern.asm["ptx"]}
                 if check_serial:

@@ -118,3 +118,27 @@ def test_hot_kernels_do_not_serialise_wgmma():
     serial = [f"{r['kernel']} {r['case']}" for r in rows
               if r["kernel"] in hot[json.loads(r["case"])["bias"]] and r["serialised"]]
     assert not serial, "wgmma serialised (ptxas C7515):\n" + "\n".join(serial)
+
+
+DECODE_VARIANTS = [
+    # The issue's benchmark shape (GQA 32/8, paged 256, ALiBi), MQA with a bias row, window and
+    # softcap over a contiguous cache with sq > 1 and cache_batch_idx, and head dim 256 paged 16.
+    dict(kind="decode", d=128, dtype="bfloat16", nheads=32, nheads_k=8, page=256, alibi=True),
+    dict(kind="decode", d=64, dtype="float16", nheads=8, nheads_k=1, seqlen_q=3, bias=True, window=(128, 0), softcap=30.0,
+         cbi=True),
+    dict(kind="decode", d=256, dtype="bfloat16", nheads=4, nheads_k=4, page=16, causal=False),
+    dict(kind="decode", d=40, dtype="float16", nheads=12, nheads_k=4, seqlen_q=8, page=48),
+]
+
+
+def test_decode_kernel_compiles_for_sm90():
+    """The KV-cache decode kernel (issue 14) compiles for Hopper and fits its shared memory.
+    Its M tile is 16-64 rows (a GQA group times the query rows), so it may use mma.sync
+    rather than wgmma: not asserted here."""
+    rows = _compile([dict(v) for v in DECODE_VARIANTS])
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n".join(f"{r['case']}: {r['error']}" for r in errors)
+    decode = [r for r in rows if r["kernel"] == "_attn_decode"]
+    assert len(decode) == len(DECODE_VARIANTS), rows
+    for r in decode:
+        assert r["shared"] <= SM90_SHARED_LIMIT, r
