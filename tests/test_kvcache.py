@@ -256,6 +256,31 @@ def test_validation(mutate, exc, match):
     del k_new, v_new
 
 
+def test_layer_decodes_through_kvcache(monkeypatch):
+    """The 'triton' layer backend decodes with flash_attn_with_kvcache when given a cache (no
+    padding mask, no gradient), and step-by-step decoding equals the full forward; with grad
+    enabled on parameters that require it, it keeps flash_attn_func."""
+    from tritonflash.layers import GroupedQueryAttention, backends
+
+    calls = []
+    real = backends.flash_attn_with_kvcache
+    monkeypatch.setattr(backends, "flash_attn_with_kvcache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layer = GroupedQueryAttention(64, 4, 2, attn_impl="triton", device=DEVICE)
+    x = torch.randn(2, 7, 64, device=DEVICE)
+    slopes = gen_slopes(4, device=DEVICE)
+    with torch.no_grad():
+        full, _, _ = layer(x, alibi_slopes=slopes)
+        out, _, cache = layer(x[:, :4], alibi_slopes=slopes)
+        steps = [out]
+        for t in range(4, 7):
+            out, _, cache = layer(x[:, t:t + 1], past_key_value=cache, alibi_slopes=slopes)
+            steps.append(out)
+    assert len(calls) == 3
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-2, rtol=0)
+    layer(x[:, :1], past_key_value=cache, alibi_slopes=slopes)[0].sum().backward()  # grad: the prefill kernel
+    assert len(calls) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..api import flash_attn_func
 from ..checks import check_alibi_slopes, check_bool, check_softcap, check_softmax_scale, check_tensor, check_window, type_name
+from ..kvcache import flash_attn_with_kvcache
 from ..reference import attention_scores, attention_values, attention_weights, score_terms
 from .attn_bias import slice_attn_bias
 
@@ -283,9 +284,11 @@ def triton_flash_attn_fn(
     window_size=(-1, -1), softcap=0.0,
 ):
     """'triton' backend: ``tritonflash.flash_attn_func`` (GQA native, ALiBi and key padding
-    in-kernel, k/v never expanded). fp32 inputs run in ``triton_compute_dtype`` and the output
-    is cast back. Dropout in training mode is the kernels' (its mask drawn from the device's
-    generator). No attention weights. See the module doc."""
+    in-kernel, k/v never expanded), or ``flash_attn_with_kvcache`` for decoding steps (see
+    ``_decodes``: a past_key_value, few query rows, no padding mask, no gradient). fp32 inputs
+    run in ``triton_compute_dtype`` and the output is cast back. Dropout in training mode is
+    the kernels' (its mask drawn from the device's generator). No attention weights. See the
+    module doc."""
     c = _prepare(query, key, value, n_heads, kv_n_heads, past_key_value, softmax_scale, attn_bias,
                  key_padding_mask, is_causal, dropout_p, alibi_slopes, slopes_checked_later=True, window_size=window_size,
                  softcap=softcap)
@@ -297,12 +300,34 @@ def triton_flash_attn_fn(
     if bias is not None and bias.dtype == torch.float64:
         # The kernels add fp32 at most; the gradient flows back to the fp64 bias.
         bias = bias.float()
+    if _decodes(c, past_key_value, dropout_p if training else 0.0):
+        # Decoding with a cache: the split-KV kernel over the concatenated keys (all of them
+        # valid), one program per GQA group; the same semantics as flash_attn_func below.
+        out = flash_attn_with_kvcache(c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias=bias, causal=c.causal,
+                                      softmax_scale=c.softmax_scale, alibi_slopes=c.alibi_slopes, window_size=c.window_size,
+                                      softcap=c.softcap)
+        return out.flatten(2).to(query.dtype), None, c.past_key_value
     out = flash_attn_func(
         c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias, c.causal, c.softmax_scale,
         alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask, dropout_p=dropout_p if training else 0.0,
         window_size=c.window_size, softcap=c.softcap,
     )
     return out.flatten(2).to(query.dtype), None, c.past_key_value
+
+
+# Query rows up to which the 'triton' backend decodes through flash_attn_with_kvcache.
+DECODE_MAX_SEQLEN_Q = 16
+
+
+def _decodes(c: _Call, past_key_value, dropout_p) -> bool:
+    """Whether a 'triton' call is a decoding step that the KV-cache kernel serves: a non-empty
+    past_key_value, at most DECODE_MAX_SEQLEN_Q query rows, no key padding mask (the decode
+    kernel has none), no dropout, and no gradient needed (the kernel is inference only)."""
+    if not past_key_value or c.q.shape[1] > DECODE_MAX_SEQLEN_Q or c.key_padding_mask is not None or dropout_p > 0.0:
+        return False
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (c.q, c.k, c.v, c.bias)):
+        return False
+    return True
 
 
 ATTN_FNS = {
