@@ -106,21 +106,28 @@ def test_ring_attention_two_key_blocks_combined_by_lse():
     torch.testing.assert_close(dv, full[2], rtol=2e-3, atol=2e-3)
 
 
+def _lse(q, shape=(1, 2, 3)):
+    # On q's device: a CPU lse with CUDA q fails the device check first (the GPU tier).
+    return torch.zeros(shape, device=q.device)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     pytest.param(lambda q: _flash_attn_forward(q, q, q, dropout_p=0.1), ValueError, r"^dropout_seed is required", id="seed"),
     pytest.param(lambda q: _flash_attn_forward(q.float(), q, q), TypeError, r"^q must be float16 or bfloat16", id="dtype"),
-    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 3), q.clone(), q.clone(), q.clone()[..., :8]),
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, _lse(q), q.clone(), q.clone(), q.clone()[..., :8]),
                  ValueError, r"^dv must have shape \(1, 3, 2, 16\)", id="dv-shape"),
-    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 3), q.clone(), q.clone(),
-                                                torch.empty(1, 3, 2, 32, dtype=F16)[..., ::2]),
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, _lse(q), q.clone(), q.clone(),
+                                                torch.empty(1, 3, 2, 32, dtype=F16, device=q.device)[..., ::2]),
                  ValueError, r"^dv must have a unit stride", id="dv-stride"),
-    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 3, 2), *[q.clone()] * 3), ValueError,
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, _lse(q, (1, 3, 2)), *[q.clone()] * 3), ValueError,
                  r"^lse must have shape \(1, 2, 3\)", id="lse-shape"),
-    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 3), *[q.clone()] * 3, bias_grad=True),
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 3, device="meta"), *[q.clone()] * 3),
+                 ValueError, r"^lse must be on q's device", id="lse-device"),
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, _lse(q), *[q.clone()] * 3, bias_grad=True),
                  ValueError, r"^bias_grad=True needs a bias", id="bias_grad"),
-    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 3), *[q.clone()] * 3, dsinks=torch.zeros(2)),
+    pytest.param(lambda q: _flash_attn_backward(q, q, q, q, q, _lse(q), *[q.clone()] * 3, dsinks=torch.zeros(2, device=q.device)),
                  ValueError, r"^dsinks was given without sinks", id="dsinks"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
-        call(_t(1, 3, 2, 16).to(DEVICE))
+        call(_t(1, 3, 2, 16))
