@@ -142,10 +142,12 @@ def _grads_with_graph(fn, inputs, needs_grad, dout):
     return result
 
 
-def _no_vmap(name):
+def _no_vmap(name, op=None):
+    where = f" (op {op})" if op else ""
+
     def vmap(info, in_dims, *args):
         raise NotImplementedError(
-            f"torch.func.vmap over {name} is not supported: the kernels batch over their own batch dimension; "
+            f"torch.func.vmap over {name} is not supported{where}: the kernels batch over their own batch dimension; "
             "fold the vmapped dimension into it (e.g. x.flatten(0, 1) and back) or loop"
         )
 
@@ -315,16 +317,29 @@ class _FlashAttnVarlen(torch.autograd.Function):
 def _distinct(*args):
     """``args`` with a tensor that appears again (``cu_seqlens`` passed as both q's and k's,
     q = k = v) replaced by an alias view there: torch.compile cannot trace a Function given the
-    same tensor twice (a graph break). Gradients flow through the view as usual."""
-    seen = set()
+    same tensor twice (a graph break). Gradients flow through the view as usual. Compared with
+    ``is``, not ``id()``: dynamo (torch 2.11) cannot take the id of a tensor made inside the
+    compiled code (a packed input's unbind view, the dropout seed, a layer's projections) or
+    of one read from a closure."""
     out = []
-    for x in args:
-        if isinstance(x, torch.Tensor):
-            if id(x) in seen:
-                x = x.view_as(x)
-            seen.add(id(x))
+    for i, x in enumerate(args):
+        if isinstance(x, torch.Tensor) and any(isinstance(y, torch.Tensor) and x is y for y in args[:i]):
+            x = x.view_as(x)
         out.append(x)
     return out
+
+
+def _apply(function, op, args):
+    """``function.apply(*args)`` when autograd must record the call (grad mode on and an input
+    requiring grad), else the forward op itself: same op, same result, no graph either way.
+    torch.compile cannot trace a Function whose inputs need no gradient (dynamo's
+    'AutogradFunctionContextVariable' has no proxy: inference under torch.no_grad,
+    torch.inference_mode, a generate() decode step), and the op is all such a call needs.
+    Both conditions are trace-time constants that dynamo guards on."""
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args):
+        return function.apply(*args)
+    return op(*args)
+
 
 # Keyword-only on every front: the score features (docs/semantics.md).
 
@@ -342,7 +357,7 @@ class FlashAttnFunc:
         seed = _seed_for(dropout_p, q)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
-        out, lse = _FlashAttn.apply(*_distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttn, SEPARATE.fwd, _distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -360,7 +375,7 @@ class FlashAttnQKVPackedFunc:
         q, k, v = unpack_qkv(qkv)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
-        out, lse = _FlashAttnQKVPacked.apply(*_distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttnQKVPacked, QKVPACKED.fwd, _distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -378,7 +393,7 @@ class FlashAttnKVPackedFunc:
         k, v = unpack_kv(kv)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
-        out, lse = _FlashAttnKVPacked.apply(*_distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttnKVPacked, KVPACKED.fwd, _distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -401,6 +416,7 @@ class FlashAttnVarlenFunc:
                                                  window_size=window_size, softcap=softcap, sinks=sinks, dropout_seed=seed)
         f = inp.features
         args = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, f.sinks, f.seed)
-        out, lse = _FlashAttnVarlen.apply(*args[:5], launch_q, launch_k, *args[5:], inp.causal, inp.softmax_scale,
-                                          f.window[0], f.window[1], f.softcap, f.dropout_p)
+        out, lse = _apply(_FlashAttnVarlen, torch.ops.tritonflash.fwd_varlen,
+                          (*args[:5], launch_q, launch_k, *args[5:], inp.causal, inp.softmax_scale, f.window[0], f.window[1],
+                           f.softcap, f.dropout_p))
         return (out, lse) if return_lse else out

@@ -101,6 +101,12 @@ def check_bool(name, x) -> None:
         raise TypeError(f"{name} must be a bool, got {type_name(x)}")
 
 
+def _finite(x) -> bool:
+    """math.isfinite by comparisons, which torch.compile traces on a symbolic float (a
+    SymFloat argument under dynamic=True: math.isfinite breaks the graph); NaN fails both."""
+    return -math.inf < x < math.inf
+
+
 def check_softmax_scale(softmax_scale, name="softmax_scale") -> None:
     """None (1 / sqrt(head_dim)) or a finite real number."""
     if softmax_scale is None:
@@ -108,7 +114,7 @@ def check_softmax_scale(softmax_scale, name="softmax_scale") -> None:
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         # bool is an int: a misplaced causal flag would silently become scale 0 or 1.
         raise TypeError(f"{name} must be a float or None, got {type_name(softmax_scale)}")
-    if not math.isfinite(softmax_scale):
+    if not _finite(softmax_scale):
         raise ValueError(f"{name} must be a finite number or None, got {softmax_scale!r}")
 
 
@@ -234,7 +240,7 @@ def check_window(window_size, causal) -> tuple:
 def check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float (0.0 = off), got {type_name(softcap)}")
-    if not (math.isfinite(softcap) and softcap >= 0.0):
+    if not (_finite(softcap) and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite number >= 0 (0.0 = off), got {softcap!r}")
     return float(softcap)
 

@@ -46,6 +46,7 @@ __all__ = ["fwd", "bwd", "fwd_qkvpacked", "bwd_qkvpacked", "fwd_kvpacked", "bwd_
 _OPTIONS = "Tensor? bias, Tensor? alibi_slopes, Tensor? key_padding_mask, Tensor? sinks, Tensor? dropout_seed, Tensor? attn_mask"
 _SCALARS = "bool causal, float softmax_scale, int window_left, int window_right, float softcap, float dropout_p"
 _PRIMALS = {SEPARATE: ("q", "k", "v"), QKVPACKED: ("qkv",), KVPACKED: ("q", "kv")}
+_PUBLIC = {SEPARATE: "FlashAttnFunc", QKVPACKED: "FlashAttnQKVPackedFunc", KVPACKED: "FlashAttnKVPackedFunc"}
 
 
 def _nothing(like):
@@ -102,7 +103,9 @@ def _register_padded(layout):
     )
     bwd.register_fake(bwd_fake)
     fwd.register_autograd(padded_backward(layout), setup_context=padded_setup_context(layout))
-    fwd.register_vmap(_no_vmap(f"tritonflash::fwd{layout.name}").__func__)
+    # The public functions call the op directly when nothing needs a gradient (a vmap too):
+    # the message names the Function that users know.
+    fwd.register_vmap(_no_vmap(_PUBLIC[layout], f"tritonflash::fwd{layout.name}").__func__)
     return fwd, bwd
 
 
@@ -153,4 +156,4 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 fwd_varlen.register_autograd(varlen_backward, setup_context=varlen_setup_context)
-fwd_varlen.register_vmap(_no_vmap("tritonflash::fwd_varlen").__func__)
+fwd_varlen.register_vmap(_no_vmap("FlashAttnVarlenFunc", "tritonflash::fwd_varlen").__func__)
