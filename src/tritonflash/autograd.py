@@ -2,7 +2,8 @@
 
 Path of a call: the public function (api.py) -> a front here (``FlashAttnFunc.apply`` ...:
 validate with checks.py, draw the dropout seed) -> a new-style autograd.Function whose forward
-is a custom op (``torch.ops.tritonflash.fwd*``, ops.py) -> the low-level functions' unchecked
+is a custom op (``torch.ops.tritonflash.fwd*``, ops.py; the op alone when no input needs a
+gradient or grad mode is off, see ``_apply``) -> the low-level functions' unchecked
 halves (lowlevel.py) -> ``_kernel_forward`` / ``_kernel_backward`` below -> kernels/.
 FlashAttnFunc, FlashAttnQKVPackedFunc and FlashAttnKVPackedFunc keep the original module's
 names and positional order (``FlashAttnFunc.apply(q, k, v, bias, causal, softmax_scale)``, then
