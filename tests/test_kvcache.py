@@ -281,6 +281,62 @@ def test_layer_decodes_through_kvcache(monkeypatch):
     assert len(calls) == 3
 
 
+def test_validate_false_reads_nothing_on_the_host(monkeypatch):
+    q, kc, vc, k_new, v_new, table = make_cache(2, 1, 2, 1, 16, 32, [20, 5], s_new=1, page=16)
+    seqlens = torch.tensor([20, 5], dtype=torch.int32, device=q.device)
+    kw = dict(cache_seqlens=seqlens, block_table=table, causal=True, num_splits=2)
+    want = flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k_new, v_new, **kw)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host read"))
+    assert torch.equal(flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k_new, v_new, validate=False, **kw), want)
+
+
+def test_opcheck_fwd_kvcache():
+    """The op's schema, fake implementation and AOT dispatch (dynamic shapes): paged with every
+    optional tensor, and contiguous with cache_batch_idx and none of them."""
+    q, kc, vc, _, _, table = make_cache(2, 2, 4, 2, 16, 32, [20, 5], page=16)
+    seqlens = torch.tensor([20, 5], dtype=torch.int32, device=q.device)
+    opts = (torch.randn(2, 4, 2, 32, device=q.device), gen_slopes(4, device=q.device), torch.randn(4, device=q.device))
+    torch.library.opcheck(torch.ops.tritonflash.fwd_kvcache, (q, kc, vc, seqlens, None, table, *opts, True, 0.25, 8, 0, 3.0, 2, -1))
+    q, kc, vc, _, _, _ = make_cache(2, 1, 2, 1, 16, 24, [24, 9], batch_cache=3)
+    cbi = torch.tensor([2, 0], dtype=torch.int32, device=q.device)
+    torch.library.opcheck(torch.ops.tritonflash.fwd_kvcache, (q, kc, vc, seqlens, cbi, None, None, None, None, False, 0.3, -1, -1,
+                                                              0.0, 0, 24), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_decode_step_matches_eager(monkeypatch):
+    """torch.compile(fullgraph=True) of a decode step (append + attention, paged, ALiBi, sinks)
+    gives eager's out, lse and cache contents bitwise, reads nothing on the host while it runs,
+    and a second step with new lengths reuses the graph."""
+    q, kc, vc, k_new, v_new, table = make_cache(2, 1, 4, 2, 16, 48, [20, 33], s_new=1, page=16)
+    slopes, sinks = gen_slopes(4, device=q.device), torch.randn(4, device=q.device)
+
+    def step(q, kc, vc, k_new, v_new, seqlens):
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=table, causal=True,
+                                           alibi_slopes=slopes, sinks=sinks, num_splits=2, return_lse=True)
+        return out * 2, lse
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a device value was read on the host")
+
+    kc_e, vc_e, kc_c, vc_c = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    for lengths in ([20, 33], [21, 34]):  # two decode steps, the caches carried over
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+        want = step(q, kc_e, vc_e, k_new, v_new, seqlens)
+        with torch.no_grad(), monkeypatch.context() as m:
+            for name in ("tolist", "item", "__bool__"):
+                m.setattr(torch.Tensor, name, host_read)
+            got = compiled(q, kc_c, vc_c, k_new, v_new, seqlens)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        assert torch.equal(kc_c.nan_to_num(7.0), kc_e.nan_to_num(7.0)) and torch.equal(vc_c.nan_to_num(7.0), vc_e.nan_to_num(7.0))
+    assert counter.frame_count == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from . import ops
 from .bias import bias_broadcast_shape
 from .checks import (
     MAX_HEADDIM,
@@ -58,8 +59,9 @@ def _check_int(name, x, minimum=0):
 
 
 def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal, window_size,
-             softcap, alibi_slopes, bias, sinks, num_splits, return_lse):
+             softcap, alibi_slopes, bias, sinks, num_splits, return_lse, validate=True):
     """Validate every argument (typed errors naming it) and return the normalised pieces."""
+    check_bool("validate", validate)
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, x)
         if x.dim() != 4:
@@ -132,7 +134,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
     elif isinstance(cache_seqlens, torch.Tensor):
         _check_index_tensor("cache_seqlens", cache_seqlens, (batch,), device)
         seqlens, host_lengths = cache_seqlens, None
-        if host_sync_allowed(cache_seqlens):
+        if validate and host_sync_allowed(cache_seqlens):
             host_lengths = cache_seqlens.tolist()
     else:
         _check_int("cache_seqlens", cache_seqlens)
@@ -145,7 +147,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
 
     # Index contents: read on the host only in eager mode (not under torch.compile tracing nor
     # during CUDA graph capture, where they are trusted).
-    if cache_batch_idx is not None and host_sync_allowed(cache_batch_idx):
+    if validate and cache_batch_idx is not None and host_sync_allowed(cache_batch_idx):
         rows = cache_batch_idx.tolist()
         bad = [r for r in rows if not 0 <= r < k_cache.shape[0]]
         if bad:
@@ -153,7 +155,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
         if s_new and len(set(rows)) != len(rows):
             raise ValueError("cache_batch_idx must not repeat a cache row when k and v are appended (two sequences would write "
                              f"the same slots), got {rows}")
-    if block_table is not None and host_lengths is not None and host_sync_allowed(block_table):
+    if validate and block_table is not None and host_lengths is not None and host_sync_allowed(block_table):
         page, num_blocks = k_cache.shape[1], k_cache.shape[0]
         table = block_table.tolist()
         for b, n in enumerate(host_lengths):
@@ -214,6 +216,7 @@ def _append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table):
 def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, cache_batch_idx=None, block_table=None, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, sinks=None, num_splits=0, return_lse=False,
+    validate=True,
 ):
     """Attention of q over a KV cache, with an optional in-place append of new keys/values.
 
@@ -239,28 +242,50 @@ def flash_attn_with_kvcache(
     Inference only: no autograd (inputs requiring grad raise NotImplementedError while grad
     mode is on). Index contents (cache_seqlens bounds, cache_batch_idx, the used block_table
     entries) are checked on the host in eager mode only (one device-to-host copy each), not
-    under torch.compile tracing nor during CUDA graph capture, where out-of-range values are
-    undefined behaviour."""
+    under torch.compile tracing nor during CUDA graph capture nor with ``validate=False``
+    (a caller that built the indices itself), where out-of-range values are undefined
+    behaviour.
+
+    torch.compile: the attention is the custom op ``tritonflash::fwd_kvcache`` (opaque, no host
+    read), the append plain in-place torch ops before it; ``torch.compile(fullgraph=True)`` of a
+    decode step compiles with no graph break. With ``num_splits=0`` the split count depends on
+    the longest L when it is known on the host (an int ``cache_seqlens``, or a tensor read for
+    validation in eager mode), else on the capacity, so eager and compiled calls may split
+    differently (results within tolerance, not bitwise): pass ``num_splits`` for bitwise
+    agreement."""
     p = _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal, window_size,
-                 softcap, alibi_slopes, bias, sinks, num_splits, return_lse)
+                 softcap, alibi_slopes, bias, sinks, num_splits, return_lse, validate)
     with torch.no_grad():
+        # The append is plain torch (index_put_ on the caches), outside the op: torch.compile
+        # traces it as an in-place update of its inputs; the op only reads the caches.
         if k is not None and p["s_new"] > 0:
             _append(k_cache, v_cache, k, v, p["seqlens"], cache_batch_idx, block_table)
         seqlens_k = p["seqlens"] + p["s_new"] if p["s_new"] else p["seqlens"]
-        if not _use_kernels(q):
-            from .reference import kvcache_attention_ref
-
-            out, lse = kvcache_attention_ref(q, k_cache, v_cache, cache_seqlens=seqlens_k, cache_batch_idx=cache_batch_idx,
-                                             block_table=block_table, softmax_scale=p["scale"], causal=causal,
-                                             window_size=p["window"], softcap=p["softcap"], alibi_slopes=alibi_slopes, bias=bias,
-                                             sinks=sinks, return_lse=True)
-            return (out, lse) if return_lse else out
-        from .kernels.decode import attn_decode, combine_splits
-
-        qn = q if q.stride(-1) == 1 else q.contiguous()
-        max_keys = None if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
-        features = Features(window=p["window"], softcap=p["softcap"])
-        out_p, lse_p = attn_decode(qn, k_cache, v_cache, seqlens_k.to(torch.int32), cache_batch_idx, block_table, p["bias4"],
-                                   p["slopes"], causal, p["scale"], features, num_splits=num_splits, max_keys=max_keys)
-        out, lse = combine_splits(out_p, lse_p, sinks, dtype=q.dtype)
+        max_keys = -1 if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
+        out, lse = ops.fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks,
+                                   causal, p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)
     return (out, lse) if return_lse else out
+
+
+def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, causal, scale,
+             window_left, window_right, softcap, num_splits, max_keys):
+    """The unchecked half, run by the op ``tritonflash::fwd_kvcache`` on validated inputs whose
+    caches already hold the appended tokens; ``seqlens_k`` (b,) int32 = L, ``max_keys`` a host
+    bound on L or -1. Returns out (b, sq, h, d) in q's dtype and lse (b, h, sq) fp32, new tensors."""
+    window = (window_left, window_right)
+    if not _use_kernels(q):
+        from .reference import kvcache_attention_ref
+
+        out, lse = kvcache_attention_ref(q, k_cache, v_cache, cache_seqlens=seqlens_k, cache_batch_idx=cache_batch_idx,
+                                         block_table=block_table, softmax_scale=scale, causal=causal, window_size=window,
+                                         softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks, return_lse=True)
+        return out.contiguous(), lse.float().contiguous()
+    from .kernels.decode import attn_decode, combine_splits
+
+    qn = q if q.stride(-1) == 1 else q.contiguous()
+    slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0))
+    bias4 = None if bias is None else bias[(None,) * (4 - bias.dim())]
+    features = Features(window=window, softcap=softcap)
+    out_p, lse_p = attn_decode(qn, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias4, slopes, causal, scale,
+                               features, num_splits=num_splits, max_keys=None if max_keys < 0 else max_keys)
+    return combine_splits(out_p, lse_p, sinks, dtype=q.dtype)

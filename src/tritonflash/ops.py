@@ -10,9 +10,12 @@ launcher or its interpreter) and CUDA graphs can capture them.
 | ``tritonflash::fwd_varlen`` | q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks, dropout_seed, *SCALARS | out, lse |
 | ``tritonflash::bwd{,_qkvpacked,_kvpacked}`` | dout, primals, out, lse, *OPTIONS, *SCALARS, bias_grad, sinks_grad | primal grads, dbias, dsinks |
 | ``tritonflash::bwd_varlen`` | dout, q, k, v, out, lse, *(fwd_varlen's after v), sinks_grad | dq, dk, dv, dsinks |
+| ``tritonflash::fwd_kvcache`` | q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, KV_SCALARS | out, lse |
 
 OPTIONS = (bias, alibi_slopes, key_padding_mask, sinks, dropout_seed, attn_mask), each
 optional; SCALARS = (causal, softmax_scale, window_left, window_right, softcap, dropout_p).
+KV_SCALARS = (causal, softmax_scale, window_left, window_right, softcap, num_splits, max_keys)
+(``fwd_kvcache``: inference only, no autograd formula, no backward op).
 dbias / dsinks that were not asked for are empty (0,) tensors. The ops are building blocks for
 the public functions, which validate first: the ops trust their inputs (as the low-level
 functions' unchecked halves in ``lowlevel.py``, which they call) and never read a device value on
@@ -157,3 +160,31 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 fwd_varlen.register_autograd(varlen_backward, setup_context=varlen_setup_context)
 fwd_varlen.register_vmap(_no_vmap("FlashAttnVarlenFunc", "tritonflash::fwd_varlen").__func__)
+
+
+# ---- KV-cache decoding (issue 14) ------------------------------------------------------------
+# The attention of flash_attn_with_kvcache over caches that already hold the appended tokens
+# (the public function appends with plain in-place torch ops before calling it, so the op
+# mutates nothing). seqlens_k (b,) int32 = the valid length L of each sequence; max_keys a
+# host-side bound on L used by num_splits=0, or -1 (then the capacity). Inference only: no
+# autograd formula (the public function refuses inputs that require grad).
+
+@torch.library.custom_op(
+    "tritonflash::fwd_kvcache", mutates_args=(),
+    schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? cache_batch_idx, Tensor? block_table, "
+           "Tensor? bias, Tensor? alibi_slopes, Tensor? sinks, bool causal, float softmax_scale, int window_left, "
+           "int window_right, float softcap, int num_splits, int max_keys) -> (Tensor, Tensor)")
+def fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, *scalars):
+    from .kvcache import _forward
+
+    return _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, *scalars)
+
+
+@fwd_kvcache.register_fake
+def _(q, *args):
+    b, sq, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+fwd_kvcache.register_vmap(_no_vmap("flash_attn_with_kvcache", "tritonflash::fwd_kvcache").__func__)
+__all__.append("fwd_kvcache")
