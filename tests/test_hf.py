@@ -182,6 +182,56 @@ def test_prefill_and_decode(family, cache_kind):
         _check(f"{cache_kind} step {step} logits", x, r, b, 2)
 
 
+@pytest.mark.parametrize("family,cache_kind", [("llama", "dynamic"), ("llama", "static"), ("bloom", "static")])
+def test_decode_steps_run_flash_attn_with_kvcache(monkeypatch, family, cache_kind):
+    """Every decode step of every layer runs flash_attn_with_kvcache
+    over the cache's own tensors (a StaticCache's whole buffer, not cut)."""
+    import tritonflash.kvcache
+
+    prefill = _spy(monkeypatch, "flash_attn_func")
+    decode = []
+    real = tritonflash.kvcache.flash_attn_with_kvcache
+
+    def spy(q, k_cache, v_cache, *args, **kwargs):
+        decode.append((q.shape[1], k_cache, kwargs))
+        return real(q, k_cache, v_cache, *args, **kwargs)
+
+    monkeypatch.setattr(tritonflash.kvcache, "flash_attn_with_kvcache", spy)
+    ids, mask = _left_padded()
+    forced = torch.randint(1, VOCAB, (2, NEW), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        _forced_decode(_build(family, "tritonflash", LP), family, cache_kind, ids, mask, forced)
+    # (on the CPU tier SEQ <= 16: a StaticCache's prefill has few enough rows to run it too)
+    assert len(prefill) + len(decode) == LAYERS * (NEW + 1) and [n for n, _, _ in decode].count(1) == LAYERS * NEW
+    for _, k_cache, kwargs in decode:
+        assert kwargs["causal"] and kwargs["bias"] is not None  # the left padding, as a -inf bias
+        if cache_kind == "static":
+            assert k_cache.shape[1] == SEQ + NEW + 3  # the whole buffer, its valid length in cache_seqlens
+
+
+@pytest.mark.parametrize("offset", ["int", "tensor"])
+def test_decode_offsets_and_window_match_flash_attn_func(offset):
+    """A StaticCache step (mask offsets: an int or a tensor write position, keys past it
+    unwritten NaN, a sliding window, key padding) through the kvcache path equals
+    flash_attn_func over the written keys, within the rule's rounding."""
+    b, h, hk, d, cap, pos = 2, 4, 2, 16, 20, 9
+    query = torch.randn(b, h, 1, d, dtype=LP, device=DEVICE)
+    key = torch.randn(b, hk, cap, d, dtype=LP, device=DEVICE)
+    value = torch.randn_like(key)
+    key[:, :, pos + 1:] = float("nan")
+    value[:, :, pos + 1:] = float("nan")
+    kpm = torch.ones(b, cap, dtype=torch.bool, device=DEVICE)
+    kpm[0, :3] = False
+    qo = pos if offset == "int" else torch.tensor(pos, device=DEVICE)
+    mask = tfhf.TritonflashMask(q_length=1, kv_length=cap, q_offset=qo, causal=True, window=(4, 0), key_padding_mask=kpm)
+    with torch.no_grad():
+        got, _ = tfhf._attention(None, query, key, value, mask, scaling=0.3)
+        want = tritonflash.api.flash_attn_func(query.transpose(1, 2), key[:, :, :pos + 1].transpose(1, 2),
+                                               value[:, :, :pos + 1].transpose(1, 2), None, True, 0.3,
+                                               key_padding_mask=kpm[:, :pos + 1], window_size=(4, 0))
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+
+
 def _left_padded():
     ids, mask = _inputs(2)
     mask = torch.ones_like(mask)

@@ -204,6 +204,11 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
         raise ValueError(f"attention_mask: expected a 2-D (batch, seqlen) padding mask, got "
                          f"{type(attention_mask).__name__} of shape {tuple(getattr(attention_mask, 'shape', ()))}")
     parts = _describe(mask_function, mu)
+    if isinstance(q_offset, torch.Tensor):
+        # A StaticCache's q_offset is its layer's live length tensor, which the layers' cache
+        # updates bump in place before attention reads the mask: keep this forward's value
+        # (a device copy, no host read).
+        q_offset = q_offset.clone()
     sizes = dict(q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset)
     ok = parts is not None and "base" in parts
     if ok and parts.get("remapped") and parts.get("packed") is None:
@@ -360,6 +365,10 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
                        cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)
 
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    if _decoding(query, key, value, mask, bias, dropout, sq, sk):
+        out = _decode(q, k, v, mask, causal, window, bias, scaling, opts)
+        if out is not None:
+            return out.to(query.dtype), None
     kpm = None
     dense = None
     if isinstance(mask, torch.Tensor):
@@ -422,6 +431,66 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
             bias = dense if bias is None else bias + dense
     out = fn(q, k, v, bias, causal, scaling, key_padding_mask=kpm, **opts)
     return out.to(query.dtype), None
+
+
+# Query rows up to which a call with cached keys decodes through flash_attn_with_kvcache (the
+# layers' backends.DECODE_MAX_SEQLEN_Q).
+DECODE_MAX_SEQLEN_Q = 16
+
+
+def _decoding(query, key, value, mask, bias, dropout, sq, sk):
+    """Whether this call is a decoding step that ``flash_attn_with_kvcache`` can run: a few query
+    rows over more keys than queries (a KV cache's), no dropout, no gradient, K and V of one
+    shape, and a mask it can express (none, or a TritonflashMask without a dense part)."""
+    if sq > DECODE_MAX_SEQLEN_Q or sk <= sq or dropout > 0.0 or key.shape != value.shape:
+        return False
+    if mask is not None and not (isinstance(mask, TritonflashMask) and mask.dense is None):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, bias)):
+        return False
+    return True
+
+
+def _decode(q, k, v, mask, causal, window, bias, scaling, opts):
+    """A decoding step through ``flash_attn_with_kvcache`` over the cache's own tensors (k, v
+    (b, sk, h_k, d) views of the updated cache, nothing appended, nothing copied when the dtype
+    matches): the valid length L of every row is ``cache_seqlens`` (a StaticCache: its write
+    position + q's length, a tensor when the position is one; a DynamicCache: every key) and
+    causal/window/ALiBi are aligned to L as transformers aligns them to the absolute positions.
+    Key padding (a 2-D attention_mask, a StaticCache's unwritten slots past it) becomes a
+    (b, 1, 1, sk) -inf bias. Returns None when the offsets do not fit (the general path then
+    raises or materialises)."""
+    from .. import kvcache
+
+    sinks = opts.get("sinks")
+    if sinks is not None and sinks.requires_grad and torch.is_grad_enabled():
+        return None
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    lengths, kpm = sk, None
+    if isinstance(mask, TritonflashMask):
+        if mask.kv_length != sk or mask.q_length != sq:
+            return None
+        kpm = mask.key_padding_mask
+        qo = mask.q_offset
+        if causal:
+            if isinstance(qo, torch.Tensor):
+                # clamped to the buffer: out-of-range lengths are never read past it
+                lengths = (qo.to(q.device).reshape(1) - mask.kv_offset + sq).clamp(sq, sk).to(torch.int32).repeat(b)
+            else:
+                lengths = int(qo) - int(mask.kv_offset) + sq
+                if not sq <= lengths <= sk:
+                    return None
+        elif window is not None and int(qo) - int(mask.kv_offset) != sk - sq:
+            return None
+    if kpm is not None:
+        pad = torch.zeros(kpm.shape, dtype=torch.float32, device=q.device).masked_fill_(~kpm.to(q.device), float("-inf"))
+        pad = pad[:, None, None, :]
+        bias = pad if bias is None else bias.float() + pad
+    kw = {name: opts[name] for name in ("softcap", "sinks", "alibi_slopes") if name in opts}
+    if window is not None:
+        kw["window_size"] = window
+    return kvcache.flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, bias=bias, softmax_scale=scaling, causal=causal,
+                                           validate=False, **kw)
 
 
 def _materialise(mask, batch, device):
