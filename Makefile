@@ -38,8 +38,11 @@ test: $(ENV_STAMP)
 gpu-test: $(ENV_STAMP)
 	$(PY) -m pytest -q -n 4 --dist loadfile -m "not slow" tests
 
+# bench_attention.py's suites, then the decode suite (bench_decode.py) with the same arguments
+# (same --out folder and commit; a --suite list without decode or all skips it).
 bench: $(ENV_STAMP)
 	$(PY) benchmarks/bench_attention.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_decode.py $(BENCH_ARGS)
 
 # One device call: GPU tier + benchmark, logs and results under $(OUT).
 gpu-check: $(ENV_STAMP)

@@ -14,6 +14,10 @@ per suite, and a table of tritonflash / peer ratios is printed last.
     PYTHONPATH=src python benchmarks/bench_attention.py --suite alibi --quick
     PYTHONPATH=src python benchmarks/bench_attention.py --smoke --out /tmp/b  # CPU plumbing check
 
+The ``decode`` suite (KV-cache decoding, issue 14) is ``benchmarks/bench_decode.py``, which
+``make bench`` runs after this script with the same arguments; ``--suite decode`` alone does
+nothing here.
+
 The variant suites (``window``, ``softcap``, ``sinks_window``, ``dropout``) use model-like shapes
 and their own seqlens (``VARIANTS``); ``window`` and ``dropout`` also time tritonflash without
 the feature (methods ``tritonflash_full``, ``tritonflash_nodropout``) for the derived ratios
@@ -1059,7 +1063,8 @@ def parse_seqlen(text: str) -> int:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", action="append", help=f"{', '.join(SUITES)} or all; repeatable or comma list (default all)")
+    p.add_argument("--suite", action="append",
+                   help=f"{', '.join(SUITES)} or all (decode: bench_decode.py); repeatable or comma list (default all)")
     p.add_argument("--headdim", action="append", help="head dims, overriding each suite's (comma list)")
     p.add_argument("--seqlens", action="append",
                    help="e.g. 1k,4k,16k, overriding every suite's own (default 1k..16k; the variant suites have their own)")
@@ -1073,6 +1078,9 @@ def parse_args(argv):
                    help="CPU plumbing check at tiny sizes (Triton interpreter, perf_counter timing, no memory numbers)")
     args = p.parse_args(argv)
     suites = parse_list(args.suite, str.strip) or ["all"]
+    # The decode suite is benchmarks/bench_decode.py (make bench runs it after this script).
+    args.decode_only = suites == ["decode"] * len(suites)
+    suites = [s for s in suites if s != "decode"] or ["all"]
     args.suites = SUITES if "all" in suites else suites
     args.methods = parse_list(args.methods, str.strip) or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
     args.headdims = parse_list(args.headdim, int)
@@ -1086,6 +1094,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.decode_only:
+        print("bench_attention: the decode suite is benchmarks/bench_decode.py (make bench runs it next); nothing to do here")
+        return 0
     on_cuda = not args.smoke
     if args.smoke:
         # CPU tensors run the Triton kernels only in the interpreter, chosen before Triton is imported.

@@ -225,3 +225,46 @@ def test_protocol_helpers():
     assert bench.gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
     assert bench.gpu_short_name("NVIDIA H200") == "h200"
     assert [bench.parse_seqlen(s) for s in ("1k", "16K", "512")] == [1024, 16384, 512]
+
+
+# ---- decode suite (benchmarks/bench_decode.py, run by make bench after bench_attention.py) -------
+
+DECODE_SCRIPT = ROOT / "benchmarks" / "bench_decode.py"
+DECODE_METHODS = {"tf_decode", "tf_decode_alibi", "tf_decode_bias", "tf_prefill", "layer_concat", "sdpa_gqa", "flex"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-tier check of the CLI in the interpreter (see above)")
+def test_decode_smoke_cli_writes_results(tmp_path):
+    """bench_decode.py --smoke with make bench's arguments: bench_attention's options ignored,
+    a JSON with the metadata and a row per (case, method) that passed the gate or says why
+    not, a plot."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(DECODE_SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", "tritonflash,sdpa_math"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "cpu_smoke_decode.json").read_text())
+    for key in ("gpu", "torch", "triton", "commit", "rows"):
+        assert key in data
+    rows = data["rows"]
+    assert {r["method"] for r in rows} == DECODE_METHODS and {r["page"] for r in rows} == {None, 16}
+    for r in rows:
+        if r["method"] == "flex" or (r["page"] and not r["method"].startswith("tf_decode")):
+            assert r["GBps"] is None and r["error"], r  # a reason, not an attempt
+        else:
+            assert r.get("error") is None and r["GBps"] > 0 and r["max_err"] < 2e-2, r
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "cpu_smoke_decode.png").stat().st_size > 0
+
+
+def test_decode_suite_selection():
+    """--suite without decode skips bench_decode; --suite decode alone does nothing in
+    bench_attention."""
+    spec = importlib.util.spec_from_file_location("bench_decode", DECODE_SCRIPT)
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    assert decode.parse_args(["--suite", "alibi"]).skip
+    assert not decode.parse_args(["--suite", "alibi,decode"]).skip and not decode.parse_args([]).skip
+    assert bench.parse_args(["--suite", "decode"]).decode_only
+    assert bench.parse_args(["--suite", "alibi,decode"]).suites == ["alibi"]
+    assert bench.main(["--suite", "decode"]) == 0
