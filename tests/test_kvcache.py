@@ -337,6 +337,25 @@ def test_compile_decode_step_matches_eager(monkeypatch):
     assert counter.frame_count == 1
 
 
+def test_compile_layer_decode_step_matches_eager():
+    """A 'triton' layer's decode step (concatenated past_key_value, the kvcache op) under
+    torch.compile(fullgraph=True) equals eager bitwise."""
+    from tritonflash.layers import GroupedQueryAttention
+
+    layer = GroupedQueryAttention(64, 4, 2, attn_impl="triton", device=DEVICE)
+    x = torch.randn(1, 6, 64, device=DEVICE)
+    slopes = gen_slopes(4, device=DEVICE)
+
+    def step(x_new, past):
+        return layer(x_new, past_key_value=past, alibi_slopes=slopes)[0]
+
+    with torch.no_grad():
+        _, _, past = layer(x[:, :5], alibi_slopes=slopes)
+        want = step(x[:, 5:], past)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x[:, 5:], past)
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier
 
