@@ -562,7 +562,8 @@ def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vi
     dS = P * (dP - delta) the gradient of the score after the cap (the bias gradient), and
     dS_qk that of the scaled q.k before it (dQ, dK; dS times the cap's derivative).
     In masked tiles dS is zeroed where invisible: there P = 0, but dP can be NaN when an
-    invisible key holds NaN, and 0 * NaN would leak."""
+    invisible key holds NaN, and 0 * NaN would leak; so is dS_qk (the cap's derivative of a
+    NaN q.k is NaN too)."""
     qk = _dot(a, tl.trans(b), None, VAR)
     s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
     p = tl.math.exp2(s - lse)
@@ -578,6 +579,8 @@ def _probs_ds(a, b, da, db, bias, lse, delta, rows, cols, seqlen_q, seqlen_k, vi
     if VAR.SOFTCAP:
         t = _tanh(qk * ctx.qk_scale)
         ds_qk = ds * (1.0 - t * t)  # the passes multiply dQ and dK by the softmax scale at the end
+        if MASK or VAR.HAS_AMASK:
+            ds_qk = tl.where(vis, ds_qk, 0.0)
     return w, ds, ds_qk
 
 
