@@ -141,6 +141,17 @@ def test_empty_cache(sinks):
     check(q, kc, vc, k_new, v_new, lengths=[0, 0], causal=True, sinks=s)
 
 
+def test_strided_cache_seqlens_and_cache_batch_idx():
+    """Index tensors with a non-unit stride (a column of a (batch, n) table) are read by their
+    strides, not as packed arrays: same result as packed copies."""
+    q, kc, vc, _, _, _ = make_cache(3, 1, 2, 1, 16, 40, [7, 30, 12], batch_cache=4)
+    table = torch.tensor([[7, 3], [30, 0], [12, 2]], dtype=torch.int32, device=q.device)  # (length, cache row)
+    lengths, rows = table[:, 0], table[:, 1]
+    assert lengths.stride() == (2,) and rows.stride() == (2,)
+    poison(kc, vc, [7, 30, 12], rows)
+    check(q, kc, vc, None, None, lengths=[7, 30, 12], cache_seqlens=lengths, cache_batch_idx=rows, causal=True)
+
+
 def test_full_cache():
     """cache_seqlens = capacity (and None: the whole cache); an append that ends exactly at it."""
     q, kc, vc, k_new, v_new, table = make_cache(1, 1, 2, 2, 32, 64, [64], page=16)

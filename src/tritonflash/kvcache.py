@@ -283,6 +283,10 @@ def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias,
     from .kernels.decode import attn_decode, combine_splits
 
     qn = q if q.stride(-1) == 1 else q.contiguous()
+    # The kernel reads seqlens_k[b] and cache_batch_idx[b] at offset b: a strided or expanded
+    # index tensor (a column of a (batch, n) tensor, lengths.expand(batch)) needs a packed copy.
+    seqlens_k = seqlens_k.contiguous()
+    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
     slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0))
     bias4 = None if bias is None else bias[(None,) * (4 - bias.dim())]
     features = Features(window=window, softcap=softcap)
