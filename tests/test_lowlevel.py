@@ -78,6 +78,31 @@ def test_bias_grad_defaults_to_requires_grad():
     assert dbias.shape == bias.shape and dbias.grad_fn is None
 
 
+def test_compiled_fullgraph_equals_eager():
+    """torch.compile(fullgraph=True) of code calling the low-level functions (a ring step)
+    compiles (the kernels through the custom ops, not traced) and gives eager's out, lse and
+    gradients, written into the given buffers, bitwise."""
+    b, s, h, d = 1, 6, 2, 16
+    q, k, v, dout = _t(b, s, h, d), _t(b, s, h, d), _t(b, s, h, d), _t(b, s, h, d)
+    bias, sinks = _t(1, h, s, s, dtype=torch.float32), torch.randn(h, device=DEVICE)
+    kpm = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    kpm[:, -2:] = False
+
+    def step(q, k, v, bias, sinks, dout):
+        out, lse, _ = _flash_attn_forward(q, k, v, bias, True, 0.3, key_padding_mask=kpm, sinks=sinks)
+        buf = torch.empty(b, s, 3, h, d, dtype=q.dtype, device=q.device)
+        dq, dk, dv = buf.unbind(2)
+        dsinks = torch.empty(h, device=q.device)
+        dbias = _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, bias, True, 0.3, key_padding_mask=kpm, sinks=sinks,
+                                     bias_grad=True, dsinks=dsinks)
+        return out, lse, buf, dbias, dsinks
+
+    want = step(q, k, v, bias, sinks, dout)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, bias, sinks, dout)
+    for name, g, w in zip(("out", "lse", "dqkv", "dbias", "dsinks"), got, want):
+        assert torch.equal(g, w), name
+
+
 def test_ring_attention_two_key_blocks_combined_by_lse():
     """Ring / context-parallel use: attend to each half of the keys, then merge by lse; the
     merged output equals attention over all keys, and so do the gradients summed over the

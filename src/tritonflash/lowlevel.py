@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import _kernel_backward, _kernel_forward, check_kernel_device
+from .autograd import _distinct, _kernel_backward, _kernel_forward, check_kernel_device, op_arguments
 from .checks import Inputs, check_bool, check_tensor, contiguous_cu_seqlens, prepare
 from .kernels import Varlen
 
@@ -68,6 +68,11 @@ def varlen_backward(inp: Inputs, dout, out, lse, dq, dk, dv, cu_seqlens_q, cu_se
 # ---- the public low-level functions ------------------------------------------------------------
 
 
+def _op_args(inp: Inputs, q, k, v, bias, alibi_slopes, key_padding_mask, *saved):
+    """q, k, v [, out, lse], OPTIONS, SCALARS of ``torch.ops.tritonflash.fwd`` / ``bwd``."""
+    return _distinct(q, k, v, *saved, *op_arguments(inp, bias, alibi_slopes, key_padding_mask))
+
+
 def _check_seed(dropout_p, dropout_seed):
     if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p > 0.0 and dropout_seed is None:
         raise ValueError(
@@ -92,7 +97,13 @@ def _flash_attn_forward(
     _check_seed(dropout_p, dropout_seed)
     inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, window_size=window_size,
                   softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed, attn_mask=attn_mask)
-    out, lse = forward(inp)
+    if torch.compiler.is_compiling():
+        # Traced code (ring attention under torch.compile) reaches the kernels through the custom
+        # op, an opaque node: tracing into Triton's launcher (or its interpreter) breaks the graph.
+        with torch.no_grad():
+            out, lse = torch.ops.tritonflash.fwd(*_op_args(inp, q, k, v, bias, alibi_slopes, key_padding_mask))
+    else:
+        out, lse = forward(inp)
     return out, lse, inp.softmax_scale
 
 
@@ -140,7 +151,16 @@ def _flash_attn_backward(
         if sinks is None:
             raise ValueError("dsinks was given without sinks: pass the sinks whose gradient it receives")
         _check_like("dsinks", dsinks, sinks.shape, torch.float32, q.device)
-    dbias, ds = backward(inp, do, o, lse, dq, dk, dv, bias_grad, dsinks is not None)
+    if torch.compiler.is_compiling():  # through the backward op, then into the given buffers (see the forward)
+        with torch.no_grad():
+            gq, gk, gv, dbias, ds = torch.ops.tritonflash.bwd(
+                do, *_op_args(inp, q, k, v, bias, alibi_slopes, key_padding_mask, o, lse), bias_grad, dsinks is not None)
+            dq.copy_(gq)
+            dk.copy_(gk)
+            dv.copy_(gv)
+        dbias = dbias if bias_grad else None
+    else:
+        dbias, ds = backward(inp, do, o, lse, dq, dk, dv, bias_grad, dsinks is not None)
     if dsinks is not None:
         dsinks.copy_(ds)
     return dbias
