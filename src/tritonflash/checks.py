@@ -166,22 +166,32 @@ def check_alibi_slopes(alibi_slopes, batch, nheads, device, check_finite=True) -
     return alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
 
 
+def _check_broadcast(name, x, full, device, key_dim="seqlen_k", hint="") -> None:
+    """``x`` on ``device`` and broadcastable to ``full`` = (batch, nheads, seqlen_q, <key_dim>)."""
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+    if bias_broadcast_shape(x.shape, *full) is None:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to (batch, nheads, seqlen_q, {key_dim}) = "
+                         f"({', '.join(map(str, full))}){hint}")
+
+
+def check_bias(bias, full, device, key_dim="seqlen_k") -> None:
+    """An additive bias: fp32/fp16/bf16, broadcastable to ``full`` = (batch, nheads, seqlen_q,
+    seqlen_k) (``key_dim`` names the last dim in messages)."""
+    check_tensor("bias", bias)
+    if bias.dtype not in _BIAS_DTYPES:
+        raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+    batch, nheads, _, seqlen_k = full
+    _check_broadcast("bias", bias, full, device, key_dim,
+                     f"; use e.g. (1, {nheads}, 1, {seqlen_k}) or ({batch}, 1, 1, {seqlen_k})")
+
+
 def check_options(sizes, device, bias, causal, softmax_scale, alibi_slopes, key_padding_mask) -> None:
     """Validate the optional arguments against ``sizes`` = (batch, seqlen_q, seqlen_k, nheads,
     head_dim) on ``device``."""
     batch, seqlen_q, seqlen_k, nheads, head_dim = sizes
     if bias is not None:
-        check_tensor("bias", bias)
-        if bias.dtype not in _BIAS_DTYPES:
-            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
-        if bias.device != device:
-            raise ValueError(f"bias must be on q's device {device}, got {bias.device}")
-        if bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, seqlen_k) is None:
-            raise ValueError(
-                f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_k) = "
-                f"({batch}, {nheads}, {seqlen_q}, {seqlen_k}); use e.g. (1, {nheads}, 1, {seqlen_k}) or "
-                f"({batch}, 1, 1, {seqlen_k})"
-            )
+        check_bias(bias, (batch, nheads, seqlen_q, seqlen_k), device)
     check_bool("causal", causal)
     check_softmax_scale(softmax_scale)
     if alibi_slopes is not None:
@@ -263,13 +273,7 @@ def check_attn_mask(attn_mask, sizes, device) -> None:
             f"attn_mask must be bool (True = attend, as in scaled_dot_product_attention), got {attn_mask.dtype}; "
             "pass an additive float mask as bias"
         )
-    if attn_mask.device != device:
-        raise ValueError(f"attn_mask must be on q's device {device}, got {attn_mask.device}")
-    if bias_broadcast_shape(attn_mask.shape, batch, nheads, seqlen_q, seqlen_k) is None:
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_k) = "
-            f"({batch}, {nheads}, {seqlen_q}, {seqlen_k})"
-        )
+    _check_broadcast("attn_mask", attn_mask, (batch, nheads, seqlen_q, seqlen_k), device)
 
 
 def check_features(sizes, device, causal, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, dropout_seed=None,

@@ -14,10 +14,10 @@ import os
 import torch
 
 from . import ops
-from .bias import bias_broadcast_shape
 from .checks import (
     MAX_HEADDIM,
     check_alibi_slopes,
+    check_bias,
     check_bool,
     check_sinks,
     check_softcap,
@@ -32,7 +32,6 @@ from .kernels.common import Features
 __all__ = ["flash_attn_with_kvcache"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
-_BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PAGE_MULTIPLE = 16
 
 
@@ -176,14 +175,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
         check_sinks(sinks, nheads, device)
     bias4 = None
     if bias is not None:
-        check_tensor("bias", bias)
-        if bias.dtype not in _BIAS_DTYPES:
-            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
-        if bias.device != device:
-            raise ValueError(f"bias must be on q's device {device}, got {bias.device}")
-        if bias_broadcast_shape(bias.shape, batch, nheads, seqlen_q, capacity) is None:
-            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, nheads, seqlen_q, seqlen_cache) = "
-                             f"({batch}, {nheads}, {seqlen_q}, {capacity})")
+        check_bias(bias, (batch, nheads, seqlen_q, capacity), device, key_dim="seqlen_cache")
         bias4 = bias[(None,) * (4 - bias.dim())]
     _check_int("num_splits", num_splits)
     check_bool("return_lse", return_lse)
