@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import Inputs, draw_dropout_seed, prepare, prepare_varlen, unpack_kv, unpack_qkv
+from .checks import Inputs, draw_dropout_seed, prepare, prepare_varlen, reference_kwargs, unpack_kv, unpack_qkv
 from .kernels import Varlen, attn_bwd, attn_fwd
 from .kernels.common import Features
 from .kernels.configs import INTERPRET
@@ -98,18 +98,6 @@ def _features(window_size, softcap, sinks, dropout_p, dropout_seed, attn_mask) -
     left, right = window_size
     return Features((int(left), int(right)), float(softcap), sinks, float(dropout_p), dropout_seed if dropout_p > 0 else None,
                     attn_mask)
-
-
-def _ref_features(features: Features, shape=None) -> dict:
-    """The reference's keywords for ``features``; ``shape`` (batch, nheads, seqlen_q, seqlen_k)
-    to rebuild the dropout mask from the seed (a host read: only the double-backward path)."""
-    from .reference import dropout_keep_mask
-
-    mask = None
-    if features.dropout_p > 0.0 and shape is not None:
-        mask = dropout_keep_mask(features.seed, shape, features.dropout_p, device=features.seed.device)
-    return dict(window_size=features.window, softcap=features.softcap, sinks=features.sinks, dropout_p=features.dropout_p,
-                dropout_mask=mask, attn_mask=features.attn_mask)
 
 
 def _seed_for(dropout_p, q):
@@ -234,7 +222,7 @@ def padded_backward(layout: Layout):
 
             def ref(*args):
                 q, k, v = layout.unpack(*args[:n])
-                f = _ref_features(feats._replace(sinks=args[n + 1]), shape)
+                f = reference_kwargs(feats._replace(sinks=args[n + 1]), shape)
                 return attention_ref(q, k, v, args[n], causal, scale, alibi_slopes=slopes, key_padding_mask=kpm, **f)
 
             *grads, dbias, dsinks = _grads_with_graph(ref, (*primals, bias, sinks), (*needs[:n], need_bias, need_sinks), dout)

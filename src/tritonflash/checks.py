@@ -35,17 +35,22 @@ class Inputs:
     features: Features = NO_FEATURES  # window, softcap, sinks, dropout (with its seed), attn_mask (rank 4)
 
     def reference_kwargs(self) -> dict:
-        """The reference's keyword arguments for ``features`` (the dropout mask recomputed from
-        the seed on the host)."""
-        from .reference import dropout_keep_mask
+        """The reference's keyword arguments for ``features`` (padded (b, s, h, d) layout)."""
+        b, sq, h, _ = self.q.shape
+        return reference_kwargs(self.features, (b, h, sq, self.k.shape[1]))
 
-        f = self.features
-        mask = None
-        if f.dropout_p > 0.0 and f.seed is not None and self.q.dim() == 4:
-            b, sq, h, _ = self.q.shape
-            mask = dropout_keep_mask(f.seed, (b, h, sq, self.k.shape[1]), f.dropout_p, device=self.q.device)
-        return dict(window_size=f.window, softcap=f.softcap, sinks=f.sinks, dropout_p=f.dropout_p, dropout_mask=mask,
-                    attn_mask=f.attn_mask)
+
+def reference_kwargs(features: Features, shape=None) -> dict:
+    """``attention_ref``'s keywords for ``features``; with ``shape`` = (batch, nheads, seqlen_q,
+    seqlen_k) the dropout mask is rebuilt from the seed (``reference.dropout_keep_mask``, a host
+    read: the CPU reference and the double-backward paths only)."""
+    from .reference import dropout_keep_mask
+
+    mask = None
+    if features.dropout_p > 0.0 and features.seed is not None and shape is not None:
+        mask = dropout_keep_mask(features.seed, shape, features.dropout_p, device=features.seed.device)
+    return dict(window_size=features.window, softcap=features.softcap, sinks=features.sinks, dropout_p=features.dropout_p,
+                dropout_mask=mask, attn_mask=features.attn_mask)
 
 
 def type_name(x):

@@ -124,7 +124,7 @@ def smem_estimate(which, cfg, args) -> int:
     tiles = dict(SMEM_TILES[which])
     if which != "dbias" and var.BIAS_ROW:
         tiles["bias_bytes"] = args["score"].bias.element_size()
-    if getattr(var, "HAS_AMASK", False):
+    if var.HAS_AMASK:
         # A boolean mask tile (one byte a score) may be staged like the bias tile.
         tiles["bias_bytes"] = tiles.get("bias_bytes", 0) + 1
     return _smem_bytes(cfg, var.BLOCK_D, **tiles)
