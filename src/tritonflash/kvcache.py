@@ -254,8 +254,13 @@ def flash_attn_with_kvcache(
             _append(k_cache, v_cache, k, v, p["seqlens"], cache_batch_idx, block_table)
         seqlens_k = p["seqlens"] + p["s_new"] if p["s_new"] else p["seqlens"]
         max_keys = -1 if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
-        out, lse = ops.fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks,
-                                   causal, p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)
+        # Eager calls skip the custom op's dispatch (tens of microseconds a step, the same
+        # function underneath); traced calls (torch.compile, export, make_fx: any dispatch mode
+        # or tensor subclass) go through the opaque op.
+        traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or type(q) is not torch.Tensor
+        fwd = ops.fwd_kvcache if traced else _forward
+        out, lse = fwd(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, causal,
+                       p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)
     return (out, lse) if return_lse else out
 
 
@@ -272,7 +277,7 @@ def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias,
                                          block_table=block_table, softmax_scale=scale, causal=causal, window_size=window,
                                          softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks, return_lse=True)
         return out.contiguous(), lse.float().contiguous()
-    from .kernels.decode import attn_decode, combine_splits
+    from .kernels.decode import attn_decode
 
     qn = q if q.stride(-1) == 1 else q.contiguous()
     # The kernel reads seqlens_k[b] and cache_batch_idx[b] at offset b: a strided or expanded
@@ -282,6 +287,6 @@ def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias,
     slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0))
     bias4 = None if bias is None else bias[(None,) * (4 - bias.dim())]
     features = Features(window=window, softcap=softcap)
-    out_p, lse_p = attn_decode(qn, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias4, slopes, causal, scale,
-                               features, num_splits=num_splits, max_keys=None if max_keys < 0 else max_keys)
-    return combine_splits(out_p, lse_p, sinks, dtype=q.dtype)
+    return attn_decode(qn, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias4, slopes, causal, scale, features,
+                       num_splits=num_splits, max_keys=None if max_keys < 0 else max_keys,
+                       sinks=None if sinks is None else sinks.contiguous())

@@ -6,9 +6,10 @@ head of the kv head's GQA group times the query rows (row r: query ``r // GROUP`
 ``kv_head * GROUP + r % GROUP``), so MQA/GQA decoding reads each K/V tile once for the whole
 group. The key range of the rows (``common._key_range``, aligned to the sequence's valid
 length L = ``seqlens_k[b]``) is cut into ``NUM_SPLITS`` equal runs of key blocks; each
-program stores its unnormalised-free partial (out normalised by its own sum, fp32) and its
-LSE, and ``combine_splits`` merges them (with the sinks) in a fixed order: deterministic for
-a given number of splits.
+program stores its partial (out normalised by its own sum, fp32) and its LSE, and the
+``_combine_splits`` kernel merges them (with the sinks) in a fixed order into the output:
+deterministic for a given number of splits. The split count is a runtime argument (no
+recompile as a cache grows) chosen by ``choose_splits`` for the GPU's program slots.
 
 The score is ``common._score``/``_visible`` with a ``ScoreCtx`` whose ALiBi slope is a
 per-row [M, 1] column and whose bias pointer a per-row [M] vector (the rows of one program
@@ -22,6 +23,7 @@ Keys at or past L are never loaded (masked loads), so a cache's unused slots may
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -50,6 +52,8 @@ MAX_BLOCK_N = 16 if INTERPRET else 64
 # Rows (query heads of a group x query rows) per program; more rows take more programs.
 MAX_BLOCK_M = 32 if INTERPRET else 64
 MAX_SPLITS = 128
+MIN_SPLIT_TILES = 4  # key tiles per split at least (fewer: the merge's traffic outweighs the split)
+SHARED_PER_SM = 227 * 1024  # usable shared memory per SM on sm_90 (sm_80: 163 KB; only the split choice uses it)
 DECODE_WARPS = 4
 DECODE_STAGES = 3
 
@@ -125,26 +129,28 @@ def _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q"])
+@triton.jit(do_not_specialize=["seqlen_q", "num_splits"])
 def _attn_decode(
     Q, K, V, OutP, LseP, SeqlensK, CacheBatch, BlockTable,
     score,  # ScoreArgs
     stride_q, stride_k, stride_v, stride_op, stride_lp, stride_bt,
-    nheads_k, seqlen_q, head_dim, m_blocks,
-    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    nheads_k, seqlen_q, head_dim, m_blocks, num_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HAS_CB: tl.constexpr, VAR: tl.constexpr,
 ):
     """q (batch, sq, nheads, d); K/V the cache, (batch_cache, seqlen_cache, nheads_k, d) or
     paged (num_blocks, PAGE, nheads_k, d) with ``BlockTable`` (batch, max_blocks) (PAGE > 0);
     ``SeqlensK`` (batch,) int32 valid keys; ``CacheBatch`` (batch,) int32 cache rows (HAS_CB);
     OutP (splits, batch, sq, nheads, d) and LseP (splits, batch, sq, nheads) fp32 partials.
-    ``BLOCK_Q``: a power of two >= the query rows one program spans (for ``_key_range``)."""
+    ``BLOCK_Q``: a power of two >= the query rows one program spans (for ``_key_range``).
+    ``num_splits`` is a runtime value: a decode loop whose split count changes with the growing
+    cache length does not recompile."""
     tl.static_assert(VAR.BLOCK_D >= 16)
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     pid = tl.program_id(0)
-    split = pid % NUM_SPLITS
-    mb = (pid // NUM_SPLITS) % m_blocks
-    bh = (pid // NUM_SPLITS // m_blocks).to(tl.int64)
+    split = pid % num_splits
+    mb = (pid // num_splits) % m_blocks
+    bh = (pid // num_splits // m_blocks).to(tl.int64)
     off_b = bh // nheads_k
     off_hk = bh % nheads_k
     seqlen_k = tl.load(SeqlensK + off_b)
@@ -164,10 +170,10 @@ def _attn_decode(
     q_ptrs = Q + off_b * stride_q[0] + qi[:, None].to(tl.int64) * stride_q[1] + heads[:, None] * stride_q[2] + offs_d[None, :] * stride_q[3]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
 
-    # The key blocks any row of this program may see, cut into NUM_SPLITS runs of blocks.
+    # The key blocks any row of this program may see, cut into num_splits runs of blocks.
     start_q = (mb * BLOCK_M) // GROUP
     lo, full_lo, full_hi, hi = _key_range(start_q, seqlen_q, seqlen_k, ctx, BLOCK_Q, BLOCK_N, VAR=VAR)
-    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits) * BLOCK_N
     s_lo = tl.minimum(lo + split * per, hi)
     s_hi = tl.minimum(s_lo + per, hi)
 
@@ -195,6 +201,41 @@ def _attn_decode(
     tl.store(LseP + lse_off, lse, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["num_splits", "seqlen_q"])
+def _combine_splits(OutP, LseP, Sinks, Out, Lse, stride_op, stride_lp, stride_o, stride_lse, num_splits, seqlen_q, nheads,
+                    head_dim, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """One program per (batch, query row, head): lse = logsumexp over the splits' LSEs (and the
+    head's sink logit), out = sum over splits, in split order, of exp(lse_s - lse) * out_s,
+    stored in Out's dtype. Fixed order, no atomics: the same bits for the same ``num_splits``.
+    A row whose every split is empty gets out 0 and lse -inf (with a sink: lse = the sink)."""
+    pid = tl.program_id(0)
+    h = pid % nheads
+    i = (pid // nheads) % seqlen_q
+    b = (pid // nheads // seqlen_q).to(tl.int64)
+    row_lp = b * stride_lp[1] + i * stride_lp[2] + h * stride_lp[3]
+    row_op = b * stride_op[1] + i * stride_op[2] + h * stride_op[3]
+    offs_s = tl.arange(0, SPLITS_P2)
+    lse_s = tl.load(LseP + row_lp + offs_s * stride_lp[0], mask=offs_s < num_splits, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32)
+        top = tl.maximum(top, sink)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(lse_s - top_safe), 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - top_safe)
+    lse = tl.where(total > 0.0, tl.log(tl.where(total > 0.0, total, 1.0)) + top_safe, float("-inf"))
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp(tl.load(LseP + row_lp + s * stride_lp[0]) - lse_safe)  # 0 for an empty split
+        acc += w * tl.load(OutP + row_op + s * stride_op[0] + offs_d * stride_op[4], mask=offs_d < head_dim, other=0.0)
+    tl.store(Out + b * stride_o[0] + i * stride_o[1] + h * stride_o[2] + offs_d * stride_o[3], acc.to(Out.dtype.element_ty),
+             mask=offs_d < head_dim)
+    tl.store(Lse + b * stride_lse[0] + h * stride_lse[1] + i * stride_lse[2], lse)
+
+
 def key_tile(page_size: int | None) -> int:
     """The key tile: MAX_BLOCK_N, or for a paged cache the largest power of two <= it that
     divides the page size (which must be a multiple of 16)."""
@@ -211,27 +252,46 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_splits(batch: int, nheads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """num_splits=0: enough programs for about two waves of the GPU's SMs, each split at least
-    four key tiles of the longest possible sequence (``max_keys``, a host-side bound: the
-    cache's capacity unless the lengths are host ints), at most MAX_SPLITS. Under the
-    interpreter, at most 2. A function of shapes only, so the same call always splits alike."""
+def _programs_per_sm(block_n: int, block_d: int, elem_size: int) -> int:
+    """Decode programs resident per SM, from the pipelined K/V buffers' shared memory
+    ((DECODE_STAGES - 1) K and V tiles; compiled sm_90 d128: 71.7 KB -> 3 per SM) and the
+    4-warp programs' limit of 16 per SM."""
+    smem = (DECODE_STAGES - 1) * 2 * block_n * block_d * elem_size + 8 * 1024
+    return max(1, min(16, SHARED_PER_SM // smem))
+
+
+def choose_splits(batch: int, nheads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
+                  block_d: int = 128, elem_size: int = 2) -> int:
+    """num_splits=0: the split count that keeps the GPU's program slots (SMs x resident
+    programs) best used. For each candidate s (each split at least MIN_SPLIT_TILES key tiles of
+    the longest possible sequence ``max_keys``, a host-side bound: the cache's capacity unless
+    the lengths are host ints; at most MAX_SPLITS) the wave efficiency is waves / ceil(waves)
+    with waves = programs * s / slots; the smallest s within 5% of the best is taken (fewer
+    splits: less merge traffic). Under the interpreter, at most 2. A function of these
+    arguments only, so the same call always splits alike."""
     tiles = max(1, triton.cdiv(max_keys, block_n))
     programs = batch * nheads_k * m_blocks
     if device.type != "cuda":
         return max(1, min(2, tiles // 2))
-    want = triton.cdiv(2 * _sm_count(device.index or 0), programs)
-    return max(1, min(want, tiles // 4, MAX_SPLITS))
+    slots = _sm_count(device.index or 0) * _programs_per_sm(block_n, block_d, elem_size)
+    most = max(1, min(MAX_SPLITS, tiles // MIN_SPLIT_TILES))
+    effs = []
+    for s in range(1, most + 1):
+        waves = programs * s / slots
+        effs.append(waves / math.ceil(waves))
+    best = max(effs)
+    return next(s for s, e in enumerate(effs, 1) if e >= 0.95 * best)
 
 
 def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, causal, softmax_scale,
-                features=NO_FEATURES, num_splits=0, max_keys=None):
-    """Launch the decode kernel on validated, normalised inputs: q (b, sq, h, d) (unit stride
-    on d), k/v caches (unit stride on d) already holding the appended tokens, ``seqlens_k`` (b,)
+                features=NO_FEATURES, num_splits=0, max_keys=None, sinks=None):
+    """Decode attention on validated, normalised inputs: q (b, sq, h, d) (unit stride on d),
+    k/v caches (unit stride on d) already holding the appended tokens, ``seqlens_k`` (b,)
     int32 valid lengths, ``cache_batch_idx`` (b,) int32 or None, ``block_table`` (b, max_blocks)
     int32 or None, bias a rank-4 view or None, alibi_slopes (1 or b, h) fp32 or None,
-    ``features`` window/softcap/sinks. Returns the fp32 partials (out (splits, b, sq, h, d),
-    lse (splits, b, sq, h)); ``combine_splits`` merges them."""
+    ``features`` window/softcap, ``sinks`` (h,) or None (merged by the combine kernel). Two
+    launches: the split kernel's fp32 partials, then their merge. Returns out (b, sq, h, d) in
+    q's dtype and lse (b, h, sq) fp32."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
@@ -242,12 +302,13 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     block_m = max(16, min(triton.next_power_of_2(rows), MAX_BLOCK_M))
     m_blocks = triton.cdiv(rows, block_m)
     block_q = min(block_m, triton.next_power_of_2(seqlen_q))
-    if num_splits == 0:
-        num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device)
-    num_splits = max(1, min(num_splits, MAX_SPLITS))
     pb = Problem(batch, seqlen_q, capacity, nheads, nheads_k, head_dim)
-    # No key padding mask; the sinks are merged by combine_splits, not passed to the kernel.
+    # No key padding mask; the sinks are merged by the combine kernel, not passed to the split kernel.
     meta = launch_meta(pb, q, causal, bias, alibi_slopes, None, softmax_scale, (q,), features._replace(sinks=None))
+    if num_splits == 0:
+        num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device,
+                                   meta.variant.BLOCK_D, q.element_size())
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
     out_p = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), device=q.device, dtype=torch.float32)
     lse_p = torch.empty((num_splits, batch, seqlen_q, nheads), device=q.device, dtype=torch.float32)
     bt = q if block_table is None else block_table
@@ -257,29 +318,17 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
         meta.score,
         q.stride(), k_cache.stride(), v_cache.stride(), out_p.stride(), lse_p.stride(),
         (0, 0) if block_table is None else block_table.stride(),
-        nheads_k, seqlen_q, head_dim, m_blocks,
-        GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=page,
+        nheads_k, seqlen_q, head_dim, m_blocks, num_splits,
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=page,
         HAS_CB=cache_batch_idx is not None, VAR=meta.variant,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
     )
-    return out_p, lse_p
-
-
-def combine_splits(out_p, lse_p, sinks=None, dtype=None):
-    """Merge split partials: lse = logsumexp over the splits (and the row's sink logit), out =
-    sum over splits of exp(lse_s - lse) * out_s, in split order (fixed reductions, no atomics:
-    the same bits for the same number of splits). A row whose every split is empty gets out 0
-    and lse -inf (the sink alone: lse = the sink). Returns out (b, sq, h, d) in ``dtype`` and lse
-    (b, h, sq) fp32."""
-    lse_all = lse_p
-    if sinks is not None:
-        _, b, sq, h = lse_p.shape
-        lse_all = torch.cat([lse_p, sinks.float().view(1, 1, 1, h).expand(1, b, sq, h)])
-    top = lse_all.amax(dim=0)
-    top_safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    total = torch.exp(lse_all - top_safe).sum(dim=0)
-    lse = torch.where(total > 0, torch.log(total) + top_safe, torch.full_like(top, float("-inf")))
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    w = torch.exp(lse_p - lse_safe)  # 0 for empty splits (lse_s = -inf)
-    out = (w[..., None] * out_p).sum(dim=0)
-    return out.to(out_p.dtype if dtype is None else dtype), lse.permute(0, 2, 1).contiguous()
+    out = q.new_empty(q.shape)
+    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    _combine_splits[(batch * seqlen_q * nheads,)](
+        out_p, lse_p, q if sinks is None else sinks, out, lse,
+        out_p.stride(), lse_p.stride(), out.stride(), lse.stride(), num_splits, seqlen_q, nheads, head_dim,
+        SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=meta.variant.BLOCK_D, HAS_SINKS=sinks is not None,
+        num_warps=1,
+    )
+    return out, lse
