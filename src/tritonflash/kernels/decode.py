@@ -48,12 +48,11 @@ from .common import (
 from .configs import INTERPRET
 
 # Largest key tile; the tile is the largest power of two <= this that divides the page size.
-MAX_BLOCK_N = 16 if INTERPRET else 64
+MAX_BLOCK_N = 16 if INTERPRET else 128
 # Rows (query heads of a group x query rows) per program; more rows take more programs.
 MAX_BLOCK_M = 32 if INTERPRET else 64
 MAX_SPLITS = 128
 MIN_SPLIT_TILES = 4  # key tiles per split at least (fewer: the merge's traffic outweighs the split)
-SHARED_PER_SM = 227 * 1024  # usable shared memory per SM on sm_90 (sm_80: 163 KB; only the split choice uses it)
 DECODE_WARPS = 4
 DECODE_STAGES = 3
 
@@ -97,6 +96,13 @@ def _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride
     of one sequence; ``qi`` ([M]) is each row's query index, ``seqlen_k`` the valid length L."""
     offs_t = tl.arange(0, BLOCK_N)
     rows = qi[:, None]
+    bias = 0.0
+    if VAR.HAS_BIAS:
+        # The bias tile is loaded one block ahead (a register double buffer: Triton's pipeliner
+        # stages only the dots' operands), so its latency overlaps the previous block's work.
+        brow = ctx.bias_ptr[:, None] + rows.to(tl.int64) * ctx.stride_bias_m
+        cols0 = lo + offs_t[None, :]
+        bias = tl.load(brow + cols0.to(tl.int64) * ctx.stride_bias_n, mask=(cols0 < hi) & (cols0 < seqlen_k), other=0.0)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK else None):
         k_slc, v_slc = _kv_tiles(K, V, stride_k, stride_v, BlockTable, stride_bt, off_b, cache_row, off_hk, start_n, PAGE)
         offs_n = start_n + offs_t
@@ -104,13 +110,10 @@ def _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride
         # Keys at or past L (only in masked blocks) are not loaded: read as 0.
         k = _load_rows(k_slc, offs_t, seqlen_k - start_n, offs_d, head_dim, MASK_ROWS=MASK, VAR=VAR)
         qk = _dot(q, tl.trans(k), None, VAR)
-        bias = 0.0
+        bias_next = bias
         if VAR.HAS_BIAS:
-            bptrs = ctx.bias_ptr[:, None] + rows.to(tl.int64) * ctx.stride_bias_m + cols.to(tl.int64) * ctx.stride_bias_n
-            if MASK:
-                bias = tl.load(bptrs, mask=cols < seqlen_k, other=0.0)
-            else:
-                bias = tl.load(bptrs)
+            nxt = cols + BLOCK_N
+            bias_next = tl.load(brow + nxt.to(tl.int64) * ctx.stride_bias_n, mask=(nxt < hi) & (nxt < seqlen_k), other=0.0)
         vis = _visible(rows, cols, seqlen_q, seqlen_k, True, ctx, MASK=MASK, VAR=VAR)
         s = _score(qk, bias, rows, cols, seqlen_q, seqlen_k, vis, ctx, MASK=MASK, VAR=VAR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -126,6 +129,7 @@ def _decode_inner(acc, l_i, m_i, q, K, V, stride_k, stride_v, BlockTable, stride
         acc = acc * alpha[:, None]
         acc = _dot(_cast(p, v.dtype, VAR.INTERP_BF16), v, acc, VAR)
         m_i = m_new
+        bias = bias_next
     return acc, l_i, m_i
 
 
@@ -236,51 +240,63 @@ def _combine_splits(OutP, LseP, Sinks, Out, Lse, stride_op, stride_lp, stride_o,
     tl.store(Lse + b * stride_lse[0] + h * stride_lse[1] + i * stride_lse[2], lse)
 
 
-def key_tile(page_size: int | None) -> int:
-    """The key tile: MAX_BLOCK_N, or for a paged cache the largest power of two <= it that
-    divides the page size (which must be a multiple of 16)."""
-    if page_size is None:
-        return MAX_BLOCK_N
+def _tile_smem(block_n: int, block_d: int, elem_size: int, block_m: int = MAX_BLOCK_M) -> int:
+    """Shared memory of one decode program, an upper bound: the pipelined K and V tiles
+    ((DECODE_STAGES - 1) of each), fp32 layout-conversion scratch for the score and output
+    tiles, and q (compiled for sm_90, d 128, 128-key tiles: 136 KB with 16 rows, 208 KB with
+    64; this gives 148 KB and 208 KB)."""
+    return ((DECODE_STAGES - 1) * 2 * block_n * block_d + block_m * block_d) * elem_size + block_m * (block_n + block_d) * 4
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[int, int, int]:
+    """(SM count, shared memory a block may opt into, shared memory per SM) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 100 * 1024)
+    per_block = int(getattr(props, "shared_memory_per_block_optin", 0) or per_sm - 1024)
+    return props.multi_processor_count, per_block, per_sm
+
+
+def _shared_limit(device: torch.device) -> int:
+    """Shared memory a program may use: the CUDA device's opt-in limit; elsewhere (compile-only
+    checks for sm_90, the interpreter) H100's."""
+    return _device_facts(device.index or 0)[1] if device.type == "cuda" else 232448
+
+
+def key_tile(page_size: int | None, block_d: int = 128, elem_size: int = 2, shared_limit: int = 232448,
+             block_m: int = MAX_BLOCK_M) -> int:
+    """The key tile: the largest power of two <= MAX_BLOCK_N whose program fits
+    ``shared_limit`` bytes of shared memory (d 128 on H100/H200: 128; d 256: 64) and, for a
+    paged cache, that divides the page size (a multiple of 16)."""
     tile = MAX_BLOCK_N
-    while page_size % tile:
+    while tile > 16 and _tile_smem(tile, block_d, elem_size, block_m) > shared_limit:
+        tile //= 2
+    while page_size and page_size % tile:
         tile //= 2
     return tile
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs_per_sm(block_n: int, block_d: int, elem_size: int) -> int:
-    """Decode programs resident per SM, from the pipelined K/V buffers' shared memory
-    ((DECODE_STAGES - 1) K and V tiles; compiled sm_90 d128: 71.7 KB -> 3 per SM) and the
-    4-warp programs' limit of 16 per SM."""
-    smem = (DECODE_STAGES - 1) * 2 * block_n * block_d * elem_size + 8 * 1024
-    return max(1, min(16, SHARED_PER_SM // smem))
-
-
 def choose_splits(batch: int, nheads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
-                  block_d: int = 128, elem_size: int = 2) -> int:
-    """num_splits=0: the split count that keeps the GPU's program slots (SMs x resident
-    programs) best used. For each candidate s (each split at least MIN_SPLIT_TILES key tiles of
-    the longest possible sequence ``max_keys``, a host-side bound: the cache's capacity unless
-    the lengths are host ints; at most MAX_SPLITS) the wave efficiency is waves / ceil(waves)
-    with waves = programs * s / slots; the smallest s within 5% of the best is taken (fewer
-    splits: less merge traffic). Under the interpreter, at most 2. A function of these
-    arguments only, so the same call always splits alike."""
+                  block_d: int = 128, elem_size: int = 2, paged: bool = False, block_m: int = 16) -> int:
+    """num_splits=0, from the GPU's program slots (SMs x programs resident per SM, from shared
+    memory). Fewer programs than slots: about one full wave (two for a paged cache, whose
+    table lookups hide less latency), each split at least MIN_SPLIT_TILES key tiles of the
+    longest possible sequence ``max_keys`` (a host-side bound: the cache's capacity unless the
+    lengths are host ints). More: the smallest split count within 5% of the best wave
+    efficiency (waves / ceil(waves)), at most 4. Tuned on an H200 (docs/perf-notes.md,
+    issue 14). Under the interpreter, at most 2. A function of its arguments only, so the same
+    call always splits alike."""
     tiles = max(1, triton.cdiv(max_keys, block_n))
     programs = batch * nheads_k * m_blocks
     if device.type != "cuda":
         return max(1, min(2, tiles // 2))
-    slots = _sm_count(device.index or 0) * _programs_per_sm(block_n, block_d, elem_size)
+    sms, _, per_sm = _device_facts(device.index or 0)
+    slots = sms * max(1, min(16, per_sm // _tile_smem(block_n, block_d, elem_size, block_m)))
     most = max(1, min(MAX_SPLITS, tiles // MIN_SPLIT_TILES))
-    effs = []
-    for s in range(1, most + 1):
-        waves = programs * s / slots
-        effs.append(waves / math.ceil(waves))
-    best = max(effs)
-    return next(s for s, e in enumerate(effs, 1) if e >= 0.95 * best)
+    if programs < slots:
+        return max(1, min(most, (2 if paged else 1) * slots // programs))
+    effs = [(programs * s / slots) / math.ceil(programs * s / slots) for s in range(1, min(most, 4) + 1)]
+    return next(s for s, e in enumerate(effs, 1) if e >= 0.95 * max(effs))
 
 
 def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, causal, softmax_scale,
@@ -297,9 +313,10 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     group = nheads // nheads_k
     page = 0 if block_table is None else k_cache.shape[1]
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * page
-    block_n = key_tile(page or None)
     rows = group * seqlen_q
     block_m = max(16, min(triton.next_power_of_2(rows), MAX_BLOCK_M))
+    block_n = key_tile(page or None, max(16, triton.next_power_of_2(head_dim)), q.element_size(), _shared_limit(q.device),
+                       block_m)
     m_blocks = triton.cdiv(rows, block_m)
     block_q = min(block_m, triton.next_power_of_2(seqlen_q))
     pb = Problem(batch, seqlen_q, capacity, nheads, nheads_k, head_dim)
@@ -307,7 +324,7 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     meta = launch_meta(pb, q, causal, bias, alibi_slopes, None, softmax_scale, (q,), features._replace(sinks=None))
     if num_splits == 0:
         num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device,
-                                   meta.variant.BLOCK_D, q.element_size())
+                                   meta.variant.BLOCK_D, q.element_size(), paged=page > 0, block_m=block_m)
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     out_p = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), device=q.device, dtype=torch.float32)
     lse_p = torch.empty((num_splits, batch, seqlen_q, nheads), device=q.device, dtype=torch.float32)
