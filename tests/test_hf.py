@@ -464,3 +464,40 @@ def test_import_without_transformers_is_free_and_use_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'pip install "tritonflash[hf]"' in out.stdout
+
+
+def _readme_hf_snippet() -> str:
+    """The README's Hugging Face code block, as a user copies it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Hugging Face transformers"):]
+    return section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+
+
+def test_readme_snippet_runs(tmp_path):
+    """The README's snippet, run as written: a saved tiny Llama through from_pretrained with the
+    registered name, and a patched MPT; both give eager's logits under the rule."""
+    llama = getattr(transformers, _CLASSES["llama"])(_config("llama"))
+    llama.save_pretrained(tmp_path)
+    ns = dict(AutoModelForCausalLM=transformers.AutoModelForCausalLM, MptForCausalLM=transformers.MptForCausalLM,
+              path=str(tmp_path), config=_config("mpt"))
+    code = _readme_hf_snippet()
+    ns_llama = dict(ns)
+    exec(code.split("\nmodel = tf_hf.patch")[0], ns_llama)  # the from_pretrained line
+    exec(code, ns)  # the whole block: its last model is the patched MPT
+    loaded, mpt = ns_llama["model"], ns["model"]
+    assert loaded.config._attn_implementation == tfhf.register()
+    assert mpt.tritonflash_patched == [f"transformer.blocks.{i}.attn" for i in range(LAYERS)]
+    ids, mask = _inputs(12)
+    keep = mask.bool()
+    for model, family in ((loaded, "llama"), (mpt, "mpt")):
+        state = model.state_dict()
+        ref, base = (getattr(transformers, _CLASSES[family])(_config(family)) for _ in range(2))
+        ref.load_state_dict(state)
+        base.load_state_dict(state)
+        with torch.no_grad():
+            want = ref.to(DEVICE).eval()(input_ids=ids, attention_mask=mask).logits
+            low = base.to(device=DEVICE, dtype=LP).eval()(input_ids=ids, attention_mask=mask).logits
+            got = model.to(device=DEVICE, dtype=LP).eval()(input_ids=ids, attention_mask=mask).logits
+        _check(f"{family} logits", got[keep], want[keep], low[keep], 2)
