@@ -314,6 +314,14 @@ def test_opcheck_fwd_kvcache():
                                                               0.0, 0, 24), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_vmap_is_refused_not_run_on_batched_tensors():
+    """Eager calls skip the op's dispatch; a functorch transform must still reach the op's vmap
+    rule (NotImplementedError), not the kernels with batched tensors."""
+    q, kc, vc, _, _, _ = make_cache(2, 1, 2, 1, 16, 24, [24, 9])
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="vmap"):
+        torch.vmap(lambda x: flash_attn_with_kvcache(x, kc, vc, cache_seqlens=9))(q.unsqueeze(0).expand(3, *q.shape))
+
+
 def test_compile_decode_step_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) of a decode step (append + attention, paged, ALiBi, sinks)
     gives eager's out, lse and cache contents bitwise, reads nothing on the host while it runs,

@@ -255,9 +255,12 @@ def flash_attn_with_kvcache(
         seqlens_k = p["seqlens"] + p["s_new"] if p["s_new"] else p["seqlens"]
         max_keys = -1 if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
         # Eager calls skip the custom op's dispatch (tens of microseconds a step, the same
-        # function underneath); traced calls (torch.compile, export, make_fx: any dispatch mode
-        # or tensor subclass) go through the opaque op.
-        traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or type(q) is not torch.Tensor
+        # function underneath); traced or transformed calls (torch.compile, export, make_fx,
+        # torch.func/vmap: a dispatch mode, a tensor subclass or a functorch wrapper) go
+        # through the opaque op and its fake/vmap registrations.
+        traced = (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                  or any(type(x) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(x)
+                         for x in (q, k_cache, v_cache)))
         fwd = ops.fwd_kvcache if traced else _forward
         out, lse = fwd(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, causal,
                        p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)
