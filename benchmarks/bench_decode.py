@@ -219,6 +219,14 @@ def run_case(batch, length, nheads, nheads_k, d, page, device, methods, on_cuda,
     q, kc, vc, table = make_case(batch, length, nheads, nheads_k, d, page, device)
     kv_bytes = 2 * batch * length * nheads_k * d * q.element_size()
     fns, extra = builders(q, kc, vc, table, length, nheads_k)
+    refs = {}  # one reference per score kind (plain, alibi, bias), shared by the methods
+
+    def reference_for(method):
+        kind = method if method in ("tf_decode_alibi", "tf_decode_bias") else "plain"
+        if kind not in refs:
+            refs[kind] = reference(q, kc, vc, table, length, extra, kind)
+        return refs[kind]
+
     rows = []
     for method in methods:
         row = dict(suite="decode", batch=batch, length=length, nheads=nheads, nheads_k=nheads_k, d=d, page=page,
@@ -230,7 +238,7 @@ def run_case(batch, length, nheads, nheads_k, d, page, device, methods, on_cuda,
                 row["error"] = fn
             else:
                 with torch.no_grad():
-                    want = reference(q, kc, vc, table, length, extra, method)
+                    want = reference_for(method)
                     err = (fn().float() - want.float()).abs().max().item()
                     row["max_err"] = err
                     if not err <= TOLERANCE:
@@ -256,6 +264,33 @@ def run_case(batch, length, nheads, nheads_k, d, page, device, methods, on_cuda,
                 torch.cuda.empty_cache()
         rows.append(row)
     return rows
+
+
+def derived(rows: list[dict]) -> list[dict]:
+    """The issue's targets per case, from ``us`` (CUDA-graph step time): tf_decode's fraction of
+    the copy where the read is >= 256 MB (target >= 0.8), its speed-up over sdpa_gqa (target >= 3
+    at batch 1, 32k) and the ALiBi / bias cost over tf_decode (target <= 0.10)."""
+    out = []
+    cases = {}
+    for r in rows:
+        if r.get("us"):
+            cases.setdefault((r["batch"], r["length"], r["nheads_k"], r["page"]), {})[r["method"]] = r
+    for (b, length, hk, page), m in sorted(cases.items(), key=lambda kv: tuple(-1 if x is None else x for x in kv[0])):
+        tf = m.get("tf_decode")
+        if tf is None:
+            continue
+        d = dict(batch=b, length=length, nheads_k=hk, page=page, kv_MB=round(tf["kv_bytes"] / 1e6, 1),
+                 copy_fraction=round(tf.get("copy_fraction", 0.0), 3))
+        d["copy_target_applies"] = tf["kv_bytes"] >= 256e6
+        if "sdpa_gqa" in m:
+            d["x_sdpa"] = round(m["sdpa_gqa"]["us"] / tf["us"], 2)
+        if "flex" in m:
+            d["x_flex"] = round(m["flex"]["us"] / tf["us"], 2)
+        for k in ("alibi", "bias"):
+            if f"tf_decode_{k}" in m:
+                d[f"{k}_cost"] = round(m[f"tf_decode_{k}"]["us"] / tf["us"] - 1, 3)
+        out.append(d)
+    return out
 
 
 def write_plot(path: Path, meta: dict, rows: list[dict], copy_bw) -> bool:
@@ -315,6 +350,8 @@ def parse_args(argv):
     ap.add_argument("--decode-methods", default=None, help=f"comma list of {', '.join(METHODS)} (default all)")
     ap.add_argument("--suite", action="append", help="bench_attention's suites: without 'decode' or 'all', nothing runs")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new case after this many seconds (the results say which cases were left out)")
     args, ignored = ap.parse_known_args(argv)
     if ignored:
         print(f"note: bench_decode ignores bench_attention's options {ignored}")
@@ -354,11 +391,15 @@ def main(argv=None) -> int:
         print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (target: {TARGET_COPY_FRACTION:.0%} of it)")
     rows = []
     t0 = time.perf_counter()
+    left_out = []
     for nheads_k in grid["nheads_k"]:
         for page in grid["pages"]:
             for batch in grid["batches"]:
                 for length in grid["lengths"]:
                     if 2 * batch * (length + 1) * nheads_k * d * 2 > MAX_CACHE_BYTES:
+                        continue
+                    if args.max_seconds is not None and time.perf_counter() - t0 > args.max_seconds:
+                        left_out.append(dict(batch=batch, length=length, nheads_k=nheads_k, page=page))
                         continue
                     for r in run_case(batch, length, nheads, nheads_k, d, page, device, args.methods, on_cuda, copy_bw):
                         rows.append(r)
@@ -370,13 +411,21 @@ def main(argv=None) -> int:
                               f"{r['method']:<16} {result}", flush=True)
                     with open(path, "w") as f:  # after every case: an interrupted run keeps what it measured
                         json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows), f, indent=1)
+    if left_out:
+        print(f"--max-seconds {args.max_seconds:g}: {len(left_out)} case(s) left out")
+    summary = derived(rows)
+    with open(path, "w") as f:
+        json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows, left_out=left_out, derived=summary), f, indent=1)
+    print("targets (CUDA-graph step time): copy >= 0.8 where kv >= 256 MB; x_sdpa >= 3 at b1 32k; alibi/bias cost <= 0.10")
+    for d in summary:
+        print("  " + " ".join(f"{k}={v}" for k, v in d.items()))
     png = out_dir / f"{short}_decode.png"
     if write_plot(png, meta, rows, copy_bw):
         print(f"wrote {png}")
     print(f"wrote {path}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows), f, indent=1)
+            json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows, left_out=left_out, derived=summary), f, indent=1)
     ours_failed = [r for r in rows if r["method"].startswith("tf_") and str(r.get("error", "")).startswith("failed correctness")]
     if ours_failed:
         print(f"{len(ours_failed)} tritonflash decode row(s) failed the correctness check", file=sys.stderr)
