@@ -3,6 +3,8 @@ an online softmax; stores the output and the log-sum-exp (natural log) per row."
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ from .common import (
     launch_meta,
     problem,
 )
-from .configs import FWD_CONFIGS, FWD_KEY, Launcher, prune_fwd, seq_bucket
+from .configs import FWD_CONFIGS, FWD_KEY, INTERPRET, Launcher, prune_fwd, seq_bucket
 
 
 @triton.jit
@@ -137,13 +139,33 @@ def _attn_fwd(
 _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 
 
+def _hopper_module():
+    """kernels/hopper.py when ``TRITONFLASH_HOPPER_FWD=1`` asks for it (opt-in until verified on
+    an H100/H200), never under the interpreter; None where Gluon cannot be imported. Imported
+    on first use, so that ``import tritonflash`` does not need Gluon."""
+    if INTERPRET or os.environ.get("TRITONFLASH_HOPPER_FWD", "0") != "1":
+        return None
+    try:
+        from . import hopper
+    except ImportError:
+        return None
+    return hopper
+
+
 def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, out=None, varlen=None, features=NO_FEATURES):
     """Launch the forward kernel. Inputs are already validated and normalised by the caller:
     q (b, sq, h, d), k/v (b, sk, h_k, d) — or, with ``varlen`` (a ``Varlen``), q (total_q, h, d)
     and k/v (total_k, h_k, d) — bias a rank-4 view broadcastable to (b, h, sq, sk) (or None),
     alibi_slopes (b or 1, h) fp32 (or None), key_padding_mask (b, sk) uint8 (or None),
     ``features`` a ``common.Features`` (window, softcap, sinks, dropout, boolean mask).
-    Returns (out, lse); lse is (b, h, sq), or (h, total_q) for varlen."""
+    Returns (out, lse); lse is (b, h, sq), or (h, total_q) for varlen.
+
+    On sm_90 with ``TRITONFLASH_HOPPER_FWD=1``, the calls ``hopper.hopper_supports`` accepts run
+    the Gluon kernel of kernels/hopper.py instead (same contract)."""
+    hopper = _hopper_module()
+    if hopper is not None and hopper.hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
+                                                     varlen, features):
+        return hopper.hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=out)
     pb = problem(q, k, varlen)
     if out is None:
         out = torch.empty_like(q)

@@ -1,0 +1,468 @@
+"""Hopper (sm_90) forward in Gluon with FlashAttention-3's structure (issue 15).
+
+Opt-in until it is verified on a GPU: ``attn_fwd`` (forward.py) calls ``hopper_fwd`` only when
+``TRITONFLASH_HOPPER_FWD=1`` is set and ``hopper_supports`` accepts the call; everything else
+runs the ``tl`` kernel. Grown from the measured spike benchmarks/experiments/gluon_fwd.py
+(variant s3_pingpong: a 3-stage ring, the best there at head dim 128 and equal to 4 stages at 64).
+
+Structure (one CTA per 128 query rows of one (batch, head)):
+- a producer partition (1 warp, 24 registers) loads the two 64-row Q halves once, then K and V
+  tiles (128 keys x head dim) by TMA into a 3-deep shared-memory ring; per stage a K-ready and a
+  V-ready mbarrier (expect-tx) and an empty mbarrier (2 arrivals: one per consumer);
+- two consumer warpgroups (the default partition and one 4-warp worker), each owning 64 query
+  rows: async wgmma for S = Q K^T (both from shared memory) and O += P V (P from registers),
+  online softmax (exp2, scale folded) in registers. Step j issues S_j and then PV_{j-1}, waits
+  for S_j only, and does the softmax of block j while the PV wgmma runs;
+- ping-pong: the warpgroups take turns issuing their wgmmas (two mbarriers, alternately
+  completed), so that one warpgroup's softmax overlaps the other's matmuls;
+- key blocks: block 0 peeled (an async wgmma token cannot flow through an if/else in Gluon 3.6)
+  and always masked, then [1, n_full) unmasked and [max(n_full, 1), n_end) masked: the causal
+  diagonal and a partial last block. Causal CTAs run longest first within sections of heads
+  whose K/V fit in L2;
+- epilogue: O / l written through the warpgroup's own Q buffer and a TMA store, lse by a
+  masked store.
+
+Sequence lengths that are not multiples of the tiles. The descriptors are 4-D over q/k/v/out
+as they are, (batch, seqlen, heads, head dim) with their own strides, and a tile is one
+(batch, head) box [1, rows, 1, head dim]. TMA bounds every dimension separately, so a tile that
+runs past seqlen stops at its own sequence's end: rows past it load as zeros and are not
+stored. A 2-D (batch * seqlen, heads * head dim) view, as the spike used, would instead read
+the next sequence's first rows into the tile (their V could be NaN, and 0 * NaN is NaN in the
+PV wgmma even where P is 0) and its TMA store would overwrite the next sequence's output. With
+the 4-D boxes: K rows past seqlen_k are zeros (their scores are also masked to -inf, non-causal
+in the masked range, causal by the diagonal since seqlen_k >= seqlen_q), V rows past it zeros,
+Q rows past seqlen_q zeros (their rows are finite and never stored; lse is stored under a
+row mask). The coordinates are per dimension, so no int32 offset overflows.
+
+Covered (``hopper_supports``): sm_90, fp16/bf16, head dim 64/128, GQA/MQA, causal (with
+seqlen_k >= seqlen_q, so every row sees key 0) or not, ALiBi or not, softmax_scale > 0 (the
+running max is taken on unscaled scores), TMA-compatible strides. Not covered: bias,
+key padding, varlen, window, softcap, sinks, dropout, attn_mask.
+
+Known difference from docs/semantics.md ("Invisible keys"), to settle before this becomes the
+default: under causal, a non-finite V in a key that a row cannot see but a later row of the same
+128-key block can see reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in
+its masked blocks). Keys past seqlen_k are safe (TMA zero-fills them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 128  # query rows per CTA (two warpgroups x 64)
+HALF_M = 64  # query rows per consumer warpgroup
+BLOCK_N = 128  # keys per K/V tile; at d64 too (the spike: same softmax work per key, room for stages)
+# K/V ring depth (a constexpr: the kernel reads it as a global): d128 needs 229,728 B of shared
+# memory (limit 232,448); at d64 the spike measured 4 stages equal to 3.
+STAGES = gl.constexpr(3)
+HEAD_DIMS = (64, 128)
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+PRODUCER_WARPS = 1
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240  # the worker consumer; the default partition keeps what setmaxnreg leaves
+LOG2E = 1.4426950408889634
+L2_BYTES_DEFAULT = 50 * 1024 * 1024  # H100/H200; a compile-only run has no device to ask
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+#
+# Barrier phases. Every wait has a parity that is a function of the global key block index j
+# only: stage j % STAGES, K/V-ready parity (j // STAGES) & 1, empty parity ((j // STAGES) & 1) ^ 1
+# for the producer, turn parity (j + 1 - WG) & 1. The producer walks j = 0 .. n_end - 1; each
+# consumer walks j = 0 (peeled), [1, n_full), [max(n_full, 1), n_end): the same sequence, in
+# order, each j once, so the masked/unmasked split changes no arrival count or phase. n_end is
+# computed once per CTA before warp_specialize and is the same for the producer and both
+# consumers (the empty barriers count 2 arrivals and the turn barriers alternate); rows that
+# must not see part of a block are removed by the mask, not by a shorter loop.
+
+
+@gluon.jit
+def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
+    """(query block, batch * nheads + head) of this CTA in a 1-D grid of n_m * n_bh CTAs.
+
+    Non-causal: the query blocks of one head are adjacent (they share its K/V in L2). Causal:
+    longest first: the heads are cut into sections of heads_per_section whose K/V fit in L2, and
+    inside a section the CTAs go from the last query block (most key blocks) to the first."""
+    pid = gl.program_id(0)
+    if CAUSAL:
+        per_section = heads_per_section * n_m
+        section = pid // per_section
+        r = pid - section * per_section
+        heads_here = gl.minimum(heads_per_section, n_bh - section * heads_per_section)  # the last one may be short
+        pid_m = n_m - 1 - r // heads_here
+        bh = section * heads_per_section + r % heads_here
+    else:
+        pid_m = pid % n_m
+        bh = pid // n_m
+    return pid_m, bh
+
+
+@gluon.jit
+def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr):
+    """(n_full, n_end) for the query rows [m0, m0 + BM): key blocks [0, n_full) are visible to
+    every row and end before seqlen_k (no mask), [n_full, n_end) partly (masked); blocks from
+    n_end on are skipped. n_end >= 1: every row sees key 0 (causal needs seqlen_k >= seqlen_q)."""
+    n_end = (seqlen_k + BN - 1) // BN
+    n_full = seqlen_k // BN
+    if CAUSAL:
+        # Query i sees key j iff j <= i + seqlen_k - seqlen_q: the last real row bounds the
+        # range (rows past seqlen_q are never stored), the first row the unmasked part.
+        off = seqlen_k - seqlen_q
+        last = gl.minimum(m0 + BM, seqlen_q) - 1
+        n_end = gl.minimum(n_end, (last + off) // BN + 1)
+        n_full = gl.minimum(n_full, (m0 + off + 1) // BN)
+    return n_full, n_end
+
+
+@gluon.jit
+def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    """The scores of one tile with ALiBi and the mask, still in q.k units (the softmax applies
+    scale * log2(e)). sc: (HM, BN) fp32 for keys n0 .. n0 + BN - 1 and the query rows whose
+    i + seqlen_k - seqlen_q starts at row0; alibi_c: the slope in q.k units. The mask is the
+    causal one under CAUSAL (for real rows it implies j < seqlen_k), else j < seqlen_k."""
+    HM: gl.constexpr = sc.shape[0]
+    BN: gl.constexpr = sc.shape[1]
+    layout: gl.constexpr = sc.type.layout
+    if MASK or ALIBI:
+        # Relative to the block (exact in fp32: |values| < 2^24): a per-row value minus the
+        # column inside the tile, so the per-element work is a subtract, a multiply-add, a select.
+        rows = (row0 - n0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))).to(gl.float32)
+        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)).to(gl.float32)
+        rel = gl.expand_dims(rows, 1) - gl.expand_dims(cols, 0)  # (HM, BN): i + sk - sq - j
+        if ALIBI:
+            sc = sc - alibi_c * gl.abs(rel)
+        if MASK:
+            if CAUSAL:
+                sc = gl.where(rel >= 0.0, sc, float("-inf"))
+            else:
+                # Keys past seqlen_k (TMA read them as zeros). A column vector broadcast in the
+                # select: a second (HM, BN) index tile, or a per-row bound on rel, made d128 +
+                # ALiBi spill (ptxas, Triton 3.6).
+                sc = gl.where(gl.expand_dims(cols, 0) < (seqlen_k - n0), sc, float("-inf"))
+    return sc
+
+
+@gluon.jit
+def _tma_box(buf):
+    """A 2-D (rows, head dim) tile buffer as the (1, rows, 1, head dim) box of the 4-D descriptors."""
+    return buf.reshape([1, buf.shape[0], 1, buf.shape[1]])
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk):
+    HM: gl.constexpr = q_smem.shape[1]
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _tma_box(q_smem.index(0)))
+    tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)))
+    for j in range(n_end):
+        s = j % NS
+        # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
+        mbarrier.wait(empty_bar.index(s), ((j // NS) & 1) ^ 1)
+        mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BN, hk, 0], k_bar.index(s), _tma_box(k_smem.index(s)))
+        mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BN, hk, 0], v_bar.index(s), _tma_box(v_smem.index(s)))
+
+
+@gluon.jit
+def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, MASK: gl.constexpr,
+             CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    """Key block j >= 1 of one consumer warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued
+    back to back, softmax of S_j while the PV wgmma runs. ``ring``: (k_smem, v_smem, k_bar,
+    v_bar, empty_bar, turn_bar); ``state``: (acc, p, m_i, l_i) with p the probabilities of block
+    j - 1 on entry and of block j on return (its PV is the next step's, or the epilogue's)."""
+    k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar = ring
+    acc, p, m_i, l_i = state
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    s = j % NS
+    sp = (j - 1) % NS  # stage of block j - 1
+    mbarrier.wait(k_bar.index(s), (j // NS) & 1)
+    # Turn j of this warpgroup: WG0 starts, WG1 waits for WG0's issue of the same block.
+    mbarrier.wait(turn_bar.index(WG), (j + 1 - WG) & 1)
+    s_tok = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(v_bar.index(sp), ((j - 1) // NS) & 1)
+    acc_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+    mbarrier.arrive(turn_bar.index(1 - WG), count=1)
+    # S_j done; the PV wgmma issued after it may still run (wgmma groups complete in order).
+    sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+    sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI)
+    # m_i is finite (every row sees key 0, in block 0), so a row that sees no key of block j
+    # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
+    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+    pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(pf, axis=1)
+    p_next = gl.convert_layout(pf.to(q.dtype), p.type.layout)
+    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p))
+    gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
+    mbarrier.arrive(empty_bar.index(sp), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+    return acc, p_next, m_new, l_i
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full,
+              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    HM: gl.constexpr = q_smem.shape[1]
+    D: gl.constexpr = q_smem.shape[2]
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    q = q_smem.index(WG)
+    first = m0 + WG * HM  # this warpgroup's first query row
+    row0 = first + seqlen_k - seqlen_q  # i + seqlen_k - seqlen_q of that row
+    acc = gl.zeros([HM, D], gl.float32, o_layout)
+    s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # Block 0, peeled and always masked: the causal diagonal of the first query blocks (the mask
+    # is all-true for the others), or the only, partial, key block when seqlen_k < BN.
+    mbarrier.wait(k_bar.index(0), 0)
+    mbarrier.wait(turn_bar.index(WG), (1 - WG) & 1)
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.arrive(turn_bar.index(1 - WG), count=1)
+    sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI)
+    m_i = gl.max(sc, axis=1) * qk_scale
+    pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(pf, axis=1)
+    state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i)
+
+    ring = (k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar)
+    for j in range(1, n_full):
+        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, False, CAUSAL, ALIBI)
+    for j in range(gl.maximum(n_full, 1), n_end):
+        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, True, CAUSAL, ALIBI)
+    acc, p, m_i, l_i = state
+
+    # The last block's PV.
+    sl = (n_end - 1) % NS
+    mbarrier.wait(v_bar.index(sl), ((n_end - 1) // NS) & 1)
+    acc = warpgroup_mma(p, v_smem.index(sl), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    LN2: gl.constexpr = 0.6931471805599453
+    lse = (m_i + gl.log2(l_i)) * LN2
+    rows = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
+    gl.store(lse_ptr + lse_off + rows, lse, mask=rows < seqlen_q)
+    # Q of this warpgroup is no longer read: its buffer stages O for the TMA store, which drops
+    # the rows past seqlen_q (the box is bounded by this sequence, see the module docstring).
+    q.store(out.to(q.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, first, h, 0], _tma_box(q))
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
+               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+
+
+@gluon.jit
+def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
+               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section"])
+def _hopper_attn_fwd(
+    q_desc, k_desc, v_desc, o_desc,  # 4-D (batch, seqlen, heads, head dim) TMA descriptors
+    lse_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous
+    alibi_ptr, stride_alibi,  # (batch or 1, nheads) fp32 slopes and their strides (batch stride 0 if shared); None without ALiBi
+    seqlen_q, seqlen_k, nheads, kv_group, heads_per_section, qk_scale,
+    CAUSAL: gl.constexpr, ALIBI: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+):
+    HM: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    BN: gl.constexpr = k_desc.block_type.shape[1]
+    BM: gl.constexpr = 2 * HM
+    gl.static_assert(k_desc.block_type.shape[3] == D, "K/V tiles have Q's head dim")
+    gl.static_assert(BM % BN == 0 or BN % BM == 0, "the causal block range assumes nested tiles")
+    n_m = (seqlen_q + BM - 1) // BM
+    pid_m, bh = _tile_coords(n_m, gl.num_programs(0) // n_m, heads_per_section, CAUSAL)
+    b = bh // nheads
+    h = bh % nheads
+    hk = h // kv_group  # GQA: query heads [g * kv_group, (g + 1) * kv_group) read k/v head g
+    m0 = pid_m * BM
+    lse_off = bh.to(gl.int64) * seqlen_q
+    n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL)
+    if ALIBI:
+        # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it
+        # to q.k, before the softmax multiplies by qk_scale = scale * log2(e).
+        L2E: gl.constexpr = 1.4426950408889634
+        alibi_c = gl.load(alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]) * (L2E / qk_scale)
+    else:
+        alibi_c = qk_scale * 0.0  # unused: _score_mod reads it only under ALIBI
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HM, D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty_bar.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bar.index(i), count=1)
+    fence_async_shared()
+
+    consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+                     lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+    gl.warp_specialize([
+        (_consumer0, consumer_args),
+        (_consumer1, consumer_args),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk)),
+    ], [4, P_WARPS], [C_REGS, P_REGS])
+
+
+# --------------------------------------------------------------------------------------------
+# Host
+# --------------------------------------------------------------------------------------------
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A (batch, seqlen, heads, head dim) tensor a TMA descriptor can address: unit last stride,
+    16-byte aligned base and strides, no zero stride on a dim of more than one element (the
+    stride of a dim of one element is never used: ``_descriptor`` replaces it)."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(n == 1 or (st > 0 and (st * size) % 16 == 0) for st, n in zip(t.stride()[:-1], t.shape[:-1]))
+
+
+def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
+                    capability=None) -> bool:
+    """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
+    ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
+    if capability is None:
+        if q.device.type != "cuda":
+            return False
+        capability = _device_facts(q.device.index)[0]
+    if tuple(capability) != (9, 0):
+        return False
+    if varlen is not None or bias is not None or key_padding_mask is not None:
+        return False
+    left, right = features.window
+    if left != -1 or right not in ((-1, 0) if causal else (-1,)):  # causal may come as window (-1, 0)
+        return False
+    if features.softcap != 0 or features.sinks is not None or features.dropout_p != 0 or features.attn_mask is not None:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in GL_DTYPES or not (k.dtype == v.dtype == q.dtype):
+        return False
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch:
+        return False
+    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
+        return False
+    # The running max is taken on unscaled scores (scale folded into exp2): a negative scale would
+    # turn it into a minimum and -inf masks into +inf.
+    if not softmax_scale > 0:
+        return False
+    # Every row must see key 0 (the kernel's running max starts from block 0): causal rows with
+    # no visible key (seqlen_k < seqlen_q) take the tl kernel.
+    if causal and seqlen_k < seqlen_q:
+        return False
+    if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.dim() != 2):
+        return False
+    return all(_tma_ok(t) for t in (q, k, v) + ((out,) if out is not None else ()))
+
+
+@functools.cache
+def _device_facts(index: int):
+    """(capability, L2 bytes) of CUDA device ``index``, asked once."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.L2_cache_size
+
+
+def _heads_per_l2_section(k, nheads) -> int:
+    """(batch, head) pairs per causal scheduling section: as many k/v heads as fill half of L2
+    (the other half for the Q/O streams), times the query heads that share each."""
+    l2 = L2_BYTES_DEFAULT
+    if k.is_cuda:
+        l2 = _device_facts(k.device.index)[1]
+    kv_head_bytes = 2 * k.shape[1] * k.shape[3] * k.element_size()
+    return max(1, (l2 // 2) // kv_head_bytes) * (nheads // k.shape[2])
+
+
+def _descriptor(t, rows):
+    """A 4-D descriptor over t (batch, seqlen, heads, head dim) with one (batch, head) box of
+    ``rows`` rows; the layout is that of the kernel's 2-D tile buffers (same swizzle). A dim of
+    one element gets the stride it would have if t were contiguous from there in: torch gives
+    such dims any stride (0 from an expand, 1 from a slice), which TMA could refuse."""
+    strides = list(t.stride())
+    for i in range(2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    d = t.shape[3]
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), strides, [1, rows, 1, d], layout)
+
+
+def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
+    """(out, lse) as ``attn_fwd`` returns them, for a call ``hopper_supports`` accepted: out
+    like q (or the given ``out``), lse (batch, nheads, seqlen_q) fp32, natural log.
+    alibi_slopes: (1 or batch, nheads) fp32 or None."""
+    batch, seqlen_q, nheads, _ = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    stride_alibi = (0, 0)
+    if alibi_slopes is not None:
+        stride_alibi = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
+    grid = (triton.cdiv(seqlen_q, BLOCK_M) * batch * nheads,)
+    _hopper_attn_fwd[grid](
+        q_desc=_descriptor(q, HALF_M),
+        k_desc=_descriptor(k, BLOCK_N),
+        v_desc=_descriptor(v, BLOCK_N),
+        o_desc=_descriptor(out, HALF_M),
+        lse_ptr=lse,
+        alibi_ptr=alibi_slopes,
+        stride_alibi=stride_alibi,
+        seqlen_q=seqlen_q,
+        seqlen_k=k.shape[1],
+        nheads=nheads,
+        kv_group=nheads // k.shape[2],
+        heads_per_section=_heads_per_l2_section(k, nheads),
+        qk_scale=float(softmax_scale) * LOG2E,
+        CAUSAL=bool(causal),
+        ALIBI=alibi_slopes is not None,
+        P_WARPS=PRODUCER_WARPS,
+        P_REGS=PRODUCER_REGS,
+        C_REGS=CONSUMER_REGS,
+        num_warps=4,
+    )
+    return out, lse

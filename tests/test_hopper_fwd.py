@@ -1,0 +1,267 @@
+"""The opt-in Gluon Hopper forward (kernels/hopper.py, issue 15).
+
+CPU tier: which calls ``hopper_supports`` takes (the device check injected), that the dispatch
+stays off under the interpreter and out of ``import tritonflash``, and that the kernel compiles
+for sm_90a (stand-in driver, one subprocess for every variant) within shared memory, without
+spills. GPU tier (sm_90 only): flash_attn_func with ``TRITONFLASH_HOPPER_FWD=1`` against the
+reference (docs/testing.md's rule), out, lse and the gradients of the ``tl`` backward that
+consumes this forward's lse, with a spy asserting that the Hopper kernel ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from helpers import check_against_reference, make_qkv
+from tritonflash import flash_attn_func
+from tritonflash.kernels import forward, hopper
+from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
+
+HERE = Path(__file__).parent
+SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
+ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+# --------------------------------------------------------------------------------------------
+# CPU tier: which calls the Hopper path takes
+# --------------------------------------------------------------------------------------------
+
+
+def _call(b=2, sq=200, sk=300, h=4, hk=2, d=128, dtype=torch.bfloat16, **over):
+    """hopper_supports' arguments for an attn_fwd call on CPU stand-in tensors (never read):
+    the sizes make q/k/v, ``over`` replaces any argument."""
+    args = dict(q=torch.empty(b, sq, h, d, dtype=dtype), k=torch.empty(b, sk, hk, d, dtype=dtype), out=None, bias=None,
+                alibi_slopes=None, key_padding_mask=None, causal=False, softmax_scale=0.125, varlen=None,
+                features=NO_FEATURES, capability=(9, 0))
+    args["v"] = args["k"]
+    args.update(over)
+    return args
+
+
+def _strided(shape, pad, dtype=torch.bfloat16):
+    """A view of ``shape`` whose last-but-one strides carry ``pad`` extra elements per row."""
+    *outer, d = shape
+    return torch.empty(*outer, d + pad, dtype=dtype)[..., :d]
+
+
+SUPPORTS = [
+    pytest.param({}, True, id="bf16-d128-sq200-sk300-gqa2"),
+    pytest.param(dict(d=64), True, id="d64"),
+    pytest.param(dict(dtype=torch.float16), True, id="fp16"),
+    pytest.param(dict(hk=1), True, id="mqa"),
+    pytest.param(dict(hk=4), True, id="mha"),
+    pytest.param(dict(sq=1, sk=1), True, id="sq1-sk1"),
+    pytest.param(dict(causal=True), True, id="causal-sk-longer"),
+    pytest.param(dict(sq=300, sk=300, causal=True), True, id="causal-square"),
+    pytest.param(dict(sq=300, sk=200), True, id="noncausal-sq-longer"),
+    pytest.param(dict(causal=True, features=Features(window=(-1, 0))), True, id="causal-as-window-right0"),
+    pytest.param(dict(alibi_slopes=torch.empty(1, 4)), True, id="alibi-per-head"),
+    pytest.param(dict(alibi_slopes=torch.empty(2, 4)), True, id="alibi-per-batch"),
+    pytest.param(dict(q=torch.empty(2, 4, 200, 128, dtype=torch.bfloat16).transpose(1, 2)), True, id="q-bhsd-layout"),
+    pytest.param(dict(q=_strided((2, 200, 4, 128), 8)), True, id="q-row-padding-16B"),
+    pytest.param(dict(b=1, q=torch.empty(200 * 4 * 128, dtype=torch.bfloat16).as_strided((1, 200, 4, 128), (1, 512, 128, 1))),
+                 True, id="batch1-any-batch-stride"),
+    # refused: the tl kernel runs these
+    pytest.param(dict(capability=(8, 0)), False, id="sm80"),
+    pytest.param(dict(capability=(10, 0)), False, id="sm100"),
+    pytest.param(dict(dtype=torch.float32), False, id="fp32"),
+    pytest.param(dict(d=96), False, id="d96"),
+    pytest.param(dict(d=256), False, id="d256"),
+    pytest.param(dict(sq=300, sk=200, causal=True), False, id="causal-sq-longer-dead-rows"),
+    pytest.param(dict(softmax_scale=-0.1), False, id="negative-scale"),
+    pytest.param(dict(softmax_scale=0.0), False, id="zero-scale"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="bias"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8)), False, id="key-padding"),
+    pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
+                 id="varlen"),
+    pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
+    pytest.param(dict(features=Features(window=(-1, 0))), False, id="window-right0-noncausal"),
+    pytest.param(dict(features=Features(softcap=30.0)), False, id="softcap"),
+    pytest.param(dict(features=Features(sinks=torch.empty(4))), False, id="sinks"),
+    pytest.param(dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), False, id="dropout"),
+    pytest.param(dict(features=Features(attn_mask=torch.empty(1, 1, 200, 300, dtype=torch.bool))), False, id="attn-mask"),
+    pytest.param(dict(q=_strided((2, 200, 4, 128), 4)), False, id="q-row-stride-not-16B"),
+    pytest.param(dict(q=torch.empty(2 * 200 * 4 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 200, 4, 128)), False,
+                 id="q-base-not-16B"),
+    pytest.param(dict(q=torch.empty(2, 200, 4, 128, dtype=torch.bfloat16).transpose(-1, -2).contiguous().transpose(-1, -2)),
+                 False, id="q-last-stride-not-1"),
+    pytest.param(dict(k=torch.empty(2, 300, 1, 128, dtype=torch.bfloat16).expand(2, 300, 2, 128)), False,
+                 id="k-stride0-heads"),
+    pytest.param(dict(out=_strided((2, 200, 4, 128), 4)), False, id="out-row-stride-not-16B"),
+    pytest.param(dict(b=0), False, id="empty-batch"),
+]
+
+
+@pytest.mark.parametrize("over, expected", SUPPORTS)
+def test_hopper_supports(over, expected):
+    assert hopper.hopper_supports(**_call(**over)) is expected
+
+
+def test_hopper_supports_asks_the_device_for_cpu_tensors():
+    """Without an injected capability, CPU tensors are never the Hopper path's."""
+    args = _call()
+    del args["capability"]
+    assert hopper.hopper_supports(**args) is False
+
+
+def test_descriptor_strides_of_single_element_dims():
+    """A dim of one element keeps no stride torch happened to give it (here 1 and 0, which
+    TMA would refuse): the descriptor gets the contiguous one."""
+    q = torch.empty(200 * 128, dtype=torch.bfloat16).as_strided((1, 200, 1, 128), (1, 128, 0, 1))
+    desc = hopper._descriptor(q, hopper.HALF_M)
+    assert desc.strides == [200 * 128, 128, 128, 1]
+    assert desc.block_shape == [1, hopper.HALF_M, 1, 128]
+
+
+def test_dispatch_is_off_under_the_interpreter(monkeypatch):
+    """The Gluon kernel cannot run in the interpreter: the opt-in is ignored there."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
+    assert forward._hopper_module() is (None if forward.INTERPRET else hopper)
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
+    assert forward._hopper_module() is None
+
+
+def test_import_does_not_load_the_gluon_module():
+    """``import tritonflash`` must work where Gluon is missing: kernels/hopper.py is imported on first use."""
+    code = "import sys, tritonflash; assert 'tritonflash.kernels.hopper' not in sys.modules, 'hopper imported eagerly'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# CPU tier: the kernel compiles for sm_90a
+# --------------------------------------------------------------------------------------------
+
+# Every compiled variant: (head dim, causal, ALiBi) in all combinations, bf16, half of them with
+# GQA (kv_group 1 and > 1 compile apart: Triton specialises integers equal to 1), and fp16 once.
+# seqlens 200/300: not multiples of the tiles, and seqlen_k > seqlen_q for the causal offset.
+COMPILE_CASES = [
+    dict(d=d, causal=c, alibi=a, gqa=2 if c == a else 1) for d in (64, 128) for c in (False, True) for a in (False, True)
+] + [dict(d=128, causal=True, alibi=False, gqa=4, dtype="float16")]
+
+
+def _case_id(c):
+    return (f"d{c['d']}" + ("-causal" if c["causal"] else "") + ("-alibi" if c["alibi"] else "") +
+            (f"-gqa{c['gqa']}" if c["gqa"] > 1 else "") + ("-fp16" if c.get("dtype") == "float16" else ""))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(HERE / "sm90_hopper_compile.py"), json.dumps(COMPILE_CASES)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=HERE)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(COMPILE_CASES), proc.stderr[-3000:]
+    return {_case_id(r["case"]): r for r in rows}
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tier runs the kernel itself")
+@pytest.mark.parametrize("case", [_case_id(c) for c in COMPILE_CASES])
+def test_compiles_for_sm90(compiled, case):
+    r = compiled[case]
+    assert "error" not in r, r["error"]
+    assert r["ptxas_rc"] == 0, r["ptxas_log"]
+    assert r["shared"] <= SM90_SHARED_LIMIT, r
+    assert r["spill_bytes"] == 0, r
+    assert r["wgmma_async"] and not r["c7515"], f"wgmma missing or serialised by ptxas: {r}"
+    assert r["tma_4d"], f"expected 4-D (batch, seqlen, heads, dim) TMA boxes: {r}"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU tier (sm_90): against the reference, through the public API
+# --------------------------------------------------------------------------------------------
+
+sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """Turns the Hopper path on and records each call that reached it."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
+    calls = []
+    real = hopper.hopper_fwd
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(hopper, "hopper_fwd", spy)
+    return calls
+
+
+def _slopes(nheads):
+    return torch.exp2(-8.0 * torch.arange(1, nheads + 1, device=DEVICE, dtype=torch.float32) / nheads)
+
+
+SEQLENS = [(128, 128), (1000, 1000), (1024, 1024), (2048, 2048), (1000, 1536), (1024, 2048), (2048, 1000)]
+HEADS = [(4, 4), (4, 1), (6, 2)]  # (nheads, nheads_k): MHA, MQA, GQA
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("nheads, nheads_k", HEADS, ids=[f"h{h}-hk{k}" for h, k in HEADS])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", SEQLENS, ids=[f"sq{q}-sk{k}" for q, k in SEQLENS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_forward_matches_reference(hopper_calls, dtype, seqlen_q, seqlen_k, head_dim, causal, nheads, nheads_k, alibi):
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, nheads, head_dim, dtype, DEVICE, nheads_k=nheads_k, requires_grad=False)
+    slopes = _slopes(nheads) if alibi else None
+    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
+    takes = not (causal and seqlen_q > seqlen_k)
+    assert len(hopper_calls) == int(takes), f"Hopper path taken {len(hopper_calls)} times, expected {int(takes)}"
+    check_against_reference(out, q, k, v, None, causal=causal, alibi_slopes=slopes, lse=lse, check_grads=False)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1000, 1000), (1024, 2048)], ids=["sq1000-sk1000", "sq1024-sk2048"])
+def test_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi):
+    """The tl backward recomputes P from the forward's lse: gradients through the Hopper forward
+    must match the reference's."""
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
+    slopes = _slopes(6) if alibi else None
+    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
+    assert len(hopper_calls) == 1
+    check_against_reference(out, q, k, v, torch.randn_like(out), causal=causal, alibi_slopes=slopes, lse=lse)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_fp16_and_bhsd_layout(hopper_calls, causal):
+    """fp16, and q/k/v as (b, h, s, d) tensors transposed to (b, s, h, d): the 4-D descriptors
+    take their strides as they are."""
+    q, k, v = (torch.randn(2, 4, s, 128, dtype=torch.float16, device=DEVICE).transpose(1, 2) for s in (1000, 1100, 1100))
+    out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    assert len(hopper_calls) == 1
+    check_against_reference(out, q, k, v, None, causal=causal, lse=lse, check_grads=False)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_rows_past_seqlen_are_never_read(hopper_calls, causal):
+    """k/v are views into buffers whose rows past seqlen_k hold NaN, in each sequence: the TMA
+    boxes stop at each sequence's end (a 2-D (batch * seqlen, ...) view would read them, and the
+    next sequence's rows)."""
+    sq, sk, pad = 1000, 1000, 72
+    q, k, v = make_qkv(2, sq, sk, 4, 128, torch.bfloat16, DEVICE, requires_grad=False)
+    k_buf, v_buf = (torch.full((2, sk + pad, 4, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    k_buf[:, :sk], v_buf[:, :sk] = k, v
+    clean = flash_attn_func(q, k, v, causal=causal)
+    poisoned = flash_attn_func(q, k_buf[:, :sk], v_buf[:, :sk], causal=causal)
+    assert len(hopper_calls) == 2
+    assert torch.equal(clean, poisoned)
