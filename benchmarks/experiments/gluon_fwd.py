@@ -58,6 +58,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# The CTA order (longest-first under causal) is the library's, which grew out of this spike.
+from tritonflash.kernels.hopper import _tile_coords  # noqa: E402
+
 BLOCK_M = 128  # query rows per CTA (two warpgroups x 64)
 HALF_M = 64  # query rows per consumer warpgroup
 # Keys per K/V tile, per head dim. d64 keeps 128: the S tile (and so the softmax work per key)
@@ -128,29 +131,6 @@ def shared_bytes(head_dim: int, stages: int) -> int:
 # CTA must visit the same blocks: the empty barriers count 2 arrivals and the turn barriers
 # alternate); the rows a warpgroup must not see in a block are removed by the mask, not by a
 # shorter loop.
-
-
-@gluon.jit
-def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
-    """(query block, batch * nheads + head) of this CTA, from a 1-D grid of n_m * n_bh CTAs.
-
-    Non-causal: the query blocks of one head are adjacent (they share its K/V in L2), the order
-    of the former (n_m, n_bh) grid. Causal: longest first. The heads are cut into sections of
-    heads_per_section whose K/V fit in L2; inside a section the CTAs go by query block from the
-    last (most key blocks) to the first, across the section's heads.
-    """
-    pid = gl.program_id(0)
-    if CAUSAL:
-        per_section = heads_per_section * n_m
-        section = pid // per_section
-        r = pid - section * per_section
-        heads_here = gl.minimum(heads_per_section, n_bh - section * heads_per_section)  # the last section may be short
-        pid_m = n_m - 1 - r // heads_here
-        bh = section * heads_per_section + r % heads_here
-    else:
-        pid_m = pid % n_m
-        bh = pid // n_m
-    return pid_m, bh
 
 
 @gluon.jit
