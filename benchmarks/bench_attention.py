@@ -1,4 +1,5 @@
-"""Benchmark tritonflash against PyTorch SDPA (flash, cuDNN, efficient) and FlexAttention.
+"""Benchmark tritonflash against PyTorch SDPA (flash, cuDNN, efficient), FlexAttention (its Triton
+and its FLASH backend) and FlashAttention-4.
 
 The protocol (benchmarks/README.md): bf16, batch * seqlen = 16384 tokens, nheads = 2048 / headdim,
 seqlen 1k..16k, headdim 64 and 128, causal off and on, forward and forward+backward, every method
@@ -13,6 +14,11 @@ per suite, and a table of tritonflash / peer ratios is printed last.
     PYTHONPATH=src python benchmarks/bench_attention.py                      # everything
     PYTHONPATH=src python benchmarks/bench_attention.py --suite alibi --quick
     PYTHONPATH=src python benchmarks/bench_attention.py --smoke --out /tmp/b  # CPU plumbing check
+
+FlashAttention-4 (``fa4``) and Flex's FLASH backend (``flex_flash``) need the ``flash-attn-4``
+package; on the GPU machines it is carried as wheels into a folder that ``--peers-dir`` (or
+TRITONFLASH_PEERS_DIR) adds with ``site.addsitedir`` (docs/benchmarking.md, "Peers FA4 and
+Flex-FLASH"). Without it their rows carry an error saying so.
 
 The ``decode`` suite (KV-cache decoding, issue 14) is ``benchmarks/bench_decode.py``, which
 ``make bench`` runs after this script with the same arguments; ``--suite decode`` alone does
@@ -36,6 +42,7 @@ import json
 import math
 import os
 import re
+import site
 import statistics
 import subprocess
 import sys
@@ -58,10 +65,13 @@ BIAS_GRAD_MAX_SEQLEN = 4096
 GQA_GROUP = 8  # nheads / nheads_k
 DTYPE = torch.bfloat16
 
-PEERS = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+PEERS = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flex_flash", "fa4"]
 DEFAULT_METHODS = ["tritonflash", *PEERS]
 SMOKE_METHODS = ["tritonflash", "sdpa_math"]
 MEM_PASS = "fwdbwd_mem"
+PEERS_DIR_ENV = "TRITONFLASH_PEERS_DIR"
+FA4_DIST = "flash-attn-4"
+FLEX_FLASH_OPTIONS = {"BACKEND": "FLASH"}  # Flex on FA4's CuTe-DSL kernels (torch >= 2.10)
 UNBOUNDED = (-1, -1)  # window_size: no window
 
 
@@ -518,7 +528,8 @@ def compiled_flex_sinks():
     return _FLEX_SINKS
 
 
-def build_flex(case: Case, x: Inputs) -> Runner:
+def build_flex(case: Case, x: Inputs, kernel_options: dict | None = None) -> Runner:
+    """FlexAttention compiled, with ``kernel_options`` (``flex_flash``: FLEX_FLASH_OPTIONS)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     if case.dropout_p:
@@ -563,6 +574,8 @@ def build_flex(case: Case, x: Inputs) -> Runner:
         def score_mod(score, b, h, q_idx, kv_idx):
             return cap * torch.tanh(score / cap)
     extra = {"enable_gqa": True} if case.nheads_k != case.nheads else {}
+    if kernel_options:
+        extra["kernel_options"] = dict(kernel_options)
     if case.sinks:
         flex_sinks = compiled_flex_sinks()
 
@@ -582,6 +595,102 @@ def build_flex(case: Case, x: Inputs) -> Runner:
     return Runner(fn, ref_bias=ref_bias, ref_slopes=x.slopes)
 
 
+def add_peers_dir(path: str | None) -> str | None:
+    """``site.addsitedir`` the folder scripts/install-peer-wheels installed FA4 into (its cutlass
+    DSL registers itself through .pth files, which PYTHONPATH alone would not run). Returns the
+    folder added, or None (with a note when the folder is missing)."""
+    if not path:
+        return None
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        print(f"note: peers folder {folder} does not exist (scripts/install-peer-wheels makes it); "
+              "fa4 and flex_flash rows will say flash-attn-4 is not installed")
+        return None
+    if str(folder) not in sys.path:
+        site.addsitedir(str(folder))
+    return str(folder)
+
+
+def peer_versions() -> dict:
+    """Versions of the FA4 stack, for the results' metadata (empty when it is not installed)."""
+    from importlib import metadata as md
+
+    out = {}
+    for key, dist in (("flash_attn_4", FA4_DIST), ("cutlass_dsl", "nvidia-cutlass-dsl")):
+        try:
+            out[key] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@functools.cache
+def fa4_import() -> tuple[Callable | None, str | None]:
+    """FA4's ``flash_attn_func`` (flash_attn.cute), or why it cannot be had. Imported once, on the
+    first GPU case that asks: importing loads the cutlass DSL's compiler library."""
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:  # no flash_attn package at all
+        found = False
+    if not found:
+        return None, (f"{FA4_DIST} is not installed (flash_attn.cute not found; scripts/peer-wheels and "
+                      f"--peers-dir / {PEERS_DIR_ENV}, docs/benchmarking.md)")
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as exc:  # a wheel built for another torch/CUDA fails here, not at find_spec
+        return None, f"{FA4_DIST} does not import: {describe(exc)}"
+    return flash_attn_func, None
+
+
+def fa4_function(device) -> Callable:
+    """FA4's flash_attn_func for a case on ``device``, or Unsupported with the reason."""
+    if torch.device(device).type != "cuda":
+        raise Unsupported("FA4's CuTe-DSL kernels run on NVIDIA GPUs only; this is a CPU run")
+    func, reason = fa4_import()
+    if func is None:
+        raise Unsupported(reason)
+    return func
+
+
+def build_fa4(case: Case, x: Inputs) -> Runner:
+    """FlashAttention-4's ``flash_attn_func`` on the (b, s, h, d) tensors: causal, GQA (fewer kv
+    heads), ``window_size``, ``softcap`` and ``learnable_sink`` (a (h,) logit, with its gradient)
+    are its own arguments. It has no ALiBi slopes, bias tensor or dropout."""
+    if case.bias == "alibi":
+        raise Unsupported("FA4's flash_attn_func has no ALiBi argument; a bias goes in only as a score_mod written as "
+                          "a CuTe-DSL function, which is what Flex's FLASH backend generates (see flex_flash)")
+    if case.bias == "learned":
+        raise Unsupported("FA4 takes no bias tensor and returns no bias gradient")
+    if case.dropout_p:
+        raise Unsupported("FA4 has no dropout")
+    func = fa4_function(x.q.device)
+    kw = {"causal": case.causal}
+    if case.window != UNBOUNDED:
+        kw["window_size"] = tuple(None if w < 0 else w for w in case.window)  # FA4: None = unbounded
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.sinks:
+        kw["learnable_sink"] = x.sinks
+
+    def fn():
+        out = func(x.q, x.k, x.v, **kw)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+    return Runner(fn)
+
+
+def build_flex_flash(case: Case, x: Inputs) -> Runner:
+    """FlexAttention with ``kernel_options={"BACKEND": "FLASH"}``: the same score_mod / mask_mod as
+    ``flex``, lowered by Inductor onto FA4's CuTe-DSL kernels, so it needs the same package. What
+    that backend refuses (e.g. a captured bias that requires grad) fails at compile time and is
+    recorded with torch's reason."""
+    try:
+        fa4_function(x.q.device)
+    except Unsupported as exc:
+        raise Unsupported(f"Flex's FLASH backend runs FA4's kernels: {exc}") from None
+    return build_flex(case, x, kernel_options=FLEX_FLASH_OPTIONS)
+
+
 BUILDERS: dict[str, Callable[[Case, Inputs], Runner]] = {
     "tritonflash": build_tritonflash,
     "sdpa_flash": sdpa_builder("FLASH_ATTENTION"),
@@ -589,6 +698,8 @@ BUILDERS: dict[str, Callable[[Case, Inputs], Runner]] = {
     "sdpa_efficient": sdpa_builder("EFFICIENT_ATTENTION"),
     "sdpa_math": sdpa_builder("MATH"),
     "flex": build_flex,
+    "flex_flash": build_flex_flash,
+    "fa4": build_fa4,
 }
 BASELINE_BUILDERS = {m: baseline_builder(m) for by_method in BASELINES.values() for m in by_method}
 
@@ -861,7 +972,9 @@ def metadata(on_cuda: bool, commit: str | None = None) -> dict:
     import triton
 
     gpu = torch.cuda.get_device_name() if on_cuda else "cpu (smoke run, Triton interpreter)"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "commit": commit or git_commit()}
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "commit": commit or git_commit()}
+    # The peers' own versions when installed (fa4, flex_flash): a file of another FA4 is replaced.
+    return {**meta, **peer_versions()}
 
 
 ROW_KEY = ("suite", "headdim", "causal", "seqlen", "pass", "method")
@@ -992,7 +1105,8 @@ def write_plots(out_dir: Path, short: str, meta: dict, rows: list[dict]) -> list
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
-        fig.suptitle(f"{name} - {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
+        fa4 = f", FA4 {meta['flash_attn_4']}" if meta.get("flash_attn_4") else ""
+        fig.suptitle(f"{name} - {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}{fa4}, commit {meta['commit']}",
                      fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{short}_{name}.png"
@@ -1074,6 +1188,9 @@ def parse_args(argv):
                    help=f"comma list of {', '.join(BUILDERS)} (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; build/bench_smoke with --smoke)")
     p.add_argument("--commit", default=None, help="commit to record, where the tree has no .git (default: git rev-parse)")
+    p.add_argument("--peers-dir", default=os.environ.get(PEERS_DIR_ENV),
+                   help=f"folder with flash-attn-4 installed by scripts/install-peer-wheels, added with site.addsitedir "
+                        f"for the fa4 and flex_flash methods (default ${PEERS_DIR_ENV})")
     p.add_argument("--smoke", action="store_true",
                    help="CPU plumbing check at tiny sizes (Triton interpreter, perf_counter timing, no memory numbers)")
     args = p.parse_args(argv)
@@ -1098,6 +1215,7 @@ def main(argv=None) -> int:
         print("bench_attention: the decode suite is benchmarks/bench_decode.py (make bench runs it next); nothing to do here")
         return 0
     on_cuda = not args.smoke
+    add_peers_dir(args.peers_dir)  # before anything imports flash_attn
     if args.smoke:
         # CPU tensors run the Triton kernels only in the interpreter, chosen before Triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -1131,7 +1249,7 @@ def main(argv=None) -> int:
                     result = f"{r['ms']:.4g} ms {r['tflops']:.4g} TFLOP/s"
                 print(f"[{time.perf_counter() - t0:7.1f}s] {case.label} {r['pass']:<10} {method:<15} {result}", flush=True)
         del x
-        if "flex" in args.methods:
+        if any(m.startswith("flex") for m in args.methods):
             import torch._dynamo as dynamo
 
             # Compiled graphs hold the case's captured tensors; the next case recompiles anyway.

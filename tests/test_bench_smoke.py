@@ -146,6 +146,62 @@ def test_failing_method_is_a_row_not_a_crash(tmp_path, keep_env, monkeypatch):
     assert [r["error"] for r in rows] == ["RuntimeError: no kernel for this case"] * 2
 
 
+def test_fa4_peers_are_rows_with_a_reason(tmp_path, keep_env, monkeypatch):
+    """fa4 and flex_flash (flash-attn-4) never get a time they did not earn: on CPU, and on a GPU
+    without the package, each row carries the reason; cases FA4's API cannot express are refused
+    before anything is imported."""
+    monkeypatch.delenv(bench.PEERS_DIR_ENV, raising=False)
+    rc = bench.main(["--smoke", "--suite", "gqa", "--methods", "fa4,flex_flash", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "cpu_smoke.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == ["fa4", "fa4", "flex_flash", "flex_flash"]
+    assert all(r["tflops"] is None and "NVIDIA GPUs" in r["error"] for r in rows), rows
+    for suite, reason in (("alibi", "no ALiBi"), ("bias_grad", "no bias tensor"), ("dropout", "no dropout")):
+        case = bench.make_cases([suite], [], None, smoke=True)[0]
+        with pytest.raises(bench.Unsupported, match=reason):
+            bench.build_fa4(case, bench.make_inputs(case, "cpu"))
+    monkeypatch.setattr(bench, "fa4_import", lambda: (None, "flash-attn-4 is not installed (test)"))
+    with pytest.raises(bench.Unsupported, match="not installed"):
+        bench.fa4_function("cuda")
+
+
+def test_fa4_arguments_express_the_variants(monkeypatch):
+    """build_fa4 maps each variant onto FA4's own arguments (window with None for unbounded,
+    softcap, learnable_sink, fewer kv heads): an FA4 stand-in that computes the oracle from exactly
+    those arguments passes the gate, fwd and fwd+bwd (dsinks included)."""
+    from tritonflash import attention_ref
+
+    seen = []
+
+    def fake_fa4(q, k, v, causal=False, window_size=(None, None), softcap=0.0, learnable_sink=None):
+        seen.append(window_size)
+        window = tuple(-1 if w is None else w for w in window_size)
+        out = attention_ref(q, k, v, None, causal, window_size=window, softcap=softcap, sinks=learnable_sink)
+        return out.to(q.dtype), None
+
+    monkeypatch.setattr(bench, "fa4_function", lambda device: fake_fa4)
+    for suite in ("nobias", "gqa", "window", "softcap", "sinks_window"):
+        for case in bench.make_cases([suite], [], None, smoke=True):
+            x = bench.make_inputs(case, "cpu")
+            runner = bench.build_fa4(case, x)
+            for pass_ in case.passes:
+                assert bench.check(case, runner, x, pass_) is None, (case.label, pass_)
+    assert (16, 0) in seen and (None, None) in seen
+
+
+def test_peers_dir_runs_pth_files(tmp_path, monkeypatch, capsys):
+    """The cutlass DSL registers its packages through a .pth file: --peers-dir must process it
+    (site.addsitedir), not merely put the folder on sys.path."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "registered").mkdir()
+    (tmp_path / "dsl.pth").write_text("registered\n")
+    assert bench.add_peers_dir(str(tmp_path)) == str(tmp_path.resolve())
+    assert str(tmp_path.resolve()) in sys.path and str((tmp_path / "registered").resolve()) in sys.path
+    assert bench.add_peers_dir(str(tmp_path / "missing")) is None
+    assert "does not exist" in capsys.readouterr().out
+    assert bench.parse_args(["--peers-dir", "x"]).peers_dir == "x"
+
+
 def test_sdpa_alibi_mask_matches_the_reference_bias():
     """The materialised mask SDPA gets is the ALiBi the kernels compute, plus the causal -inf."""
     from tritonflash import gen_slopes
