@@ -314,12 +314,40 @@ def test_opcheck_fwd_kvcache():
                                                               0.0, 0, 24), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_vmap_is_refused_not_run_on_batched_tensors():
-    """Eager calls skip the op's dispatch; a functorch transform must still reach the op's vmap
-    rule (NotImplementedError), not the kernels with batched tensors."""
+@pytest.mark.parametrize("over", ["q", "k_cache", "bias", "sinks", "alibi_slopes"])
+def test_vmap_is_refused_not_run_on_batched_tensors(over):
+    """Eager calls skip the op's dispatch; a functorch transform over any tensor argument is a
+    typed NotImplementedError, never a launch with batched tensors nor validation's host read."""
     q, kc, vc, _, _, _ = make_cache(2, 1, 2, 1, 16, 24, [24, 9])
+    args = dict(q=q, k_cache=kc, bias=torch.randn(2, 2, 1, 24, device=q.device), sinks=torch.randn(2, device=q.device),
+                alibi_slopes=gen_slopes(2, device=q.device))
+
+    def call(x):
+        kw = dict(args, **{over: x})
+        return flash_attn_with_kvcache(kw["q"], kw["k_cache"], vc, cache_seqlens=9, bias=kw["bias"], sinks=kw["sinks"],
+                                       alibi_slopes=kw["alibi_slopes"])
+
+    batched = args[over].unsqueeze(0).expand(3, *args[over].shape)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="vmap"):
-        torch.vmap(lambda x: flash_attn_with_kvcache(x, kc, vc, cache_seqlens=9))(q.unsqueeze(0).expand(3, *q.shape))
+        torch.vmap(call)(batched)
+
+
+def test_merge_rounds_bf16_like_the_gpu():
+    """The split merge stores bf16 rounded to nearest even, as the GPU and torch do (Triton 3.6's
+    interpreter would truncate): one split with lse 0 gives the fp32 partial itself, rounded."""
+    from tritonflash.kernels.decode import _combine_splits
+
+    g = torch.Generator().manual_seed(0)
+    b, sq, h, d = 2, 1, 3, 32
+    out_p = (1 + torch.rand(1, b, sq, h, d, generator=g)).to(DEVICE)  # values with bits below bf16's
+    lse_p = torch.zeros(1, b, sq, h, device=DEVICE)
+    out = torch.empty(b, sq, h, d, dtype=torch.bfloat16, device=DEVICE)
+    lse = torch.empty(b, h, sq, device=DEVICE)
+    _combine_splits[(b * sq * h,)](out_p, lse_p, out_p, out, lse, out_p.stride(), lse_p.stride(), out.stride(), lse.stride(), 1,
+                                   sq, h, d, SPLITS_P2=2, BLOCK_D=d, HAS_SINKS=False,
+                                   INTERP_BF16=not out_p.is_cuda, num_warps=1)
+    assert torch.equal(out, out_p[0].to(torch.bfloat16))
+    assert torch.equal(lse, torch.zeros_like(lse))
 
 
 def test_compile_decode_step_matches_eager(monkeypatch):

@@ -58,9 +58,10 @@ def main() -> int:
             if time.perf_counter() - t0 > args.budget:
                 break
             decode.MAX_BLOCK_N, decode.DECODE_STAGES, decode.DECODE_WARPS = tile, stages, warps
-            bn = decode.key_tile(page)
-            # 4 or 32 rows (GQA group x 1 query): one row block (MAX_BLOCK_M 64)
-            auto = decode.choose_splits(b, hk, 1, length, bn, dev, 128, 2)
+            # The tile and split count attn_decode itself picks (its row block: the GQA group x 1 query).
+            block_m = max(16, min(32 // hk, decode.MAX_BLOCK_M))
+            bn = decode.key_tile(page, 128, 2, decode._shared_limit(dev), block_m)
+            auto = decode.choose_splits(b, hk, 1, length, bn, dev, 128, 2, paged=page is not None, block_m=block_m)
             for splits in sorted({max(1, auto // 2), auto, min(decode.MAX_SPLITS, auto * 2)}):
                 row = dict(batch=b, length=length, nheads_k=hk, page=page, tile=bn, stages=stages, warps=warps, splits=splits,
                            auto=splits == auto)

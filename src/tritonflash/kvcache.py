@@ -245,6 +245,15 @@ def flash_attn_with_kvcache(
     validation in eager mode), else on the capacity, so eager and compiled calls may split
     differently (results within tolerance, not bitwise): pass ``num_splits`` for bitwise
     agreement."""
+    tensors = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, bias, sinks)
+    if not torch.compiler.is_compiling() and any(
+            isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in tensors):
+        # Before validation: its host reads cannot run on a vmapped tensor ("data-dependent
+        # control flow"), and the kernels must never see one. (Under torch.compile, the op's
+        # own vmap rule refuses.)
+        raise NotImplementedError(
+            "torch.func transforms (vmap, grad, ...) over flash_attn_with_kvcache are not supported: it is inference only and "
+            "batches over its own batch dimension; fold a vmapped dimension into batch (x.flatten(0, 1) and back) or loop")
     p = _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal, window_size,
                  softcap, alibi_slopes, bias, sinks, num_splits, return_lse, validate)
     with torch.no_grad():
@@ -255,12 +264,10 @@ def flash_attn_with_kvcache(
         seqlens_k = p["seqlens"] + p["s_new"] if p["s_new"] else p["seqlens"]
         max_keys = -1 if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
         # Eager calls skip the custom op's dispatch (tens of microseconds a step, the same
-        # function underneath); traced or transformed calls (torch.compile, export, make_fx,
-        # torch.func/vmap: a dispatch mode, a tensor subclass or a functorch wrapper) go
-        # through the opaque op and its fake/vmap registrations.
+        # function underneath); traced calls (torch.compile, export, make_fx: a dispatch mode or
+        # a tensor subclass in any argument) go through the opaque op and its fake registration.
         traced = (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                  or any(type(x) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(x)
-                         for x in (q, k_cache, v_cache)))
+                  or any(isinstance(x, torch.Tensor) and type(x) is not torch.Tensor for x in tensors))
         fwd = ops.fwd_kvcache if traced else _forward
         out, lse = fwd(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, causal,
                        p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)

@@ -207,7 +207,8 @@ def _attn_decode(
 
 @triton.jit(do_not_specialize=["num_splits", "seqlen_q"])
 def _combine_splits(OutP, LseP, Sinks, Out, Lse, stride_op, stride_lp, stride_o, stride_lse, num_splits, seqlen_q, nheads,
-                    head_dim, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
+                    head_dim, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    INTERP_BF16: tl.constexpr):
     """One program per (batch, query row, head): lse = logsumexp over the splits' LSEs (and the
     head's sink logit), out = sum over splits, in split order, of exp(lse_s - lse) * out_s,
     stored in Out's dtype. Fixed order, no atomics: the same bits for the same ``num_splits``.
@@ -235,16 +236,17 @@ def _combine_splits(OutP, LseP, Sinks, Out, Lse, stride_op, stride_lp, stride_o,
     for s in range(0, num_splits):
         w = tl.exp(tl.load(LseP + row_lp + s * stride_lp[0]) - lse_safe)  # 0 for an empty split
         acc += w * tl.load(OutP + row_op + s * stride_op[0] + offs_d * stride_op[4], mask=offs_d < head_dim, other=0.0)
-    tl.store(Out + b * stride_o[0] + i * stride_o[1] + h * stride_o[2] + offs_d * stride_o[3], acc.to(Out.dtype.element_ty),
+    tl.store(Out + b * stride_o[0] + i * stride_o[1] + h * stride_o[2] + offs_d * stride_o[3], _cast(acc, Out.dtype.element_ty, INTERP_BF16),
              mask=offs_d < head_dim)
     tl.store(Lse + b * stride_lse[0] + h * stride_lse[1] + i * stride_lse[2], lse)
 
 
 def _tile_smem(block_n: int, block_d: int, elem_size: int, block_m: int = MAX_BLOCK_M) -> int:
-    """Shared memory of one decode program, an upper bound: the pipelined K and V tiles
+    """Shared memory of one decode program, an estimate: the pipelined K and V tiles
     ((DECODE_STAGES - 1) of each), fp32 layout-conversion scratch for the score and output
     tiles, and q (compiled for sm_90, d 128, 128-key tiles: 136 KB with 16 rows, 208 KB with
-    64; this gives 148 KB and 208 KB)."""
+    64, 216 KB with 64 rows and a bias; this gives 148 KB and 208 KB). sm_90, sm_80 and sm_86
+    compiles of d 64/128/256 x 16/64 rows x bias or not all fit the limits it chose for."""
     return ((DECODE_STAGES - 1) * 2 * block_n * block_d + block_m * block_d) * elem_size + block_m * (block_n + block_d) * 4
 
 
@@ -325,7 +327,10 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     if num_splits == 0:
         num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device,
                                    meta.variant.BLOCK_D, q.element_size(), paged=page > 0, block_m=block_m)
-    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    # The merge indexes the fp32 partials (splits, b, sq, h, d) with int32 split offsets: cap the
+    # split count so they stay under 2^31 elements (only an explicit large num_splits with a
+    # long chunk of query rows gets there; the result is then that of the capped count).
+    num_splits = max(1, min(num_splits, MAX_SPLITS, (2**31 - 1) // (batch * seqlen_q * nheads * head_dim)))
     out_p = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), device=q.device, dtype=torch.float32)
     lse_p = torch.empty((num_splits, batch, seqlen_q, nheads), device=q.device, dtype=torch.float32)
     bt = q if block_table is None else block_table
@@ -346,6 +351,6 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
         out_p, lse_p, q if sinks is None else sinks, out, lse,
         out_p.stride(), lse_p.stride(), out.stride(), lse.stride(), num_splits, seqlen_q, nheads, head_dim,
         SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=meta.variant.BLOCK_D, HAS_SINKS=sinks is not None,
-        num_warps=1,
+        INTERP_BF16=meta.variant.INTERP_BF16, num_warps=1,
     )
     return out, lse
