@@ -31,18 +31,32 @@ the next sequence's first rows into the tile (their V could be NaN, and 0 * NaN 
 PV wgmma even where P is 0) and its TMA store would overwrite the next sequence's output. With
 the 4-D boxes: K rows past seqlen_k are zeros (their scores are also masked to -inf, non-causal
 in the masked range, causal by the diagonal since seqlen_k >= seqlen_q), V rows past it zeros,
-Q rows past seqlen_q zeros (their rows are finite and never stored; lse is stored under a
-row mask). The coordinates are per dimension, so no int32 offset overflows.
+Q rows past seqlen_q zeros in a half that has a real row (a half without one is not loaded,
+see below; such rows are never stored, and lse is stored under a row mask). The coordinates are
+per dimension, so no int32 offset overflows.
 
 Covered (``hopper_supports``): sm_90, fp16/bf16, head dim 64/128, GQA/MQA, causal (with
 seqlen_k >= seqlen_q, so every row sees key 0) or not, ALiBi or not, softmax_scale > 0 (the
-running max is taken on unscaled scores), TMA-compatible strides. Not covered: bias,
-key padding, varlen, window, softcap, sinks, dropout, attn_mask.
+running max is taken on unscaled scores) and at least MIN_SOFTMAX_SCALE = 2^-32 (see below),
+TMA-compatible strides. Not covered: bias, key padding, varlen, window, softcap, sinks, dropout,
+attn_mask.
 
 Known difference from docs/semantics.md ("Invisible keys"), to settle before this becomes the
 default: under causal, a non-finite V in a key that a row cannot see but a later row of the same
 128-key block can see reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in
-its masked blocks). Keys past seqlen_k are safe (TMA zero-fills them).
+its masked blocks). Keys past seqlen_k are safe (TMA zero-fills them). docs/semantics.md states
+this deviation under "Invisible keys"; tests/test_hopper_fwd.py carries it as a strict xfail.
+
+ALiBi in q.k units: the kernel subtracts slope / softmax_scale * |i + sk - sq - j| from q.k before
+scaling (one multiply-add per score). That quotient overflows fp32 only for slope / scale above
+~3.4e38; hopper_supports refuses scales below MIN_SOFTMAX_SCALE (2^-32) on the host float, so it
+would take a slope above ~7.9e28 (never read on the host) to reach inf * 0 = NaN on the diagonal,
+where the ``tl`` kernel, which scales first, stays finite.
+
+Query rows past seqlen_q: warpgroup 1's Q half is not loaded when all its rows lie past seqlen_q
+(seqlen_q % 128 in [1, 64], or seqlen_q <= 64), so that q_bar never waits for a box wholly out of
+bounds; that warpgroup then computes on stale shared memory, in step with the other (same
+barriers, same key blocks), and stores nothing (TMA store clipped, lse masked).
 """
 
 from __future__ import annotations
@@ -75,6 +89,9 @@ PRODUCER_REGS = 24
 CONSUMER_REGS = 240  # the worker consumer; the default partition keeps what setmaxnreg leaves
 LOG2E = 1.4426950408889634
 L2_BYTES_DEFAULT = 50 * 1024 * 1024  # H100/H200; a compile-only run has no device to ask
+# Smallest softmax_scale taken (hopper_supports): the kernel divides the ALiBi slope by the scale,
+# finite below slopes of 2^-32 * 3.4e38 ~ 7.9e28; any practical scale is far above it.
+MIN_SOFTMAX_SCALE = 2.0**-32
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,13 +181,21 @@ def _tma_box(buf):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk):
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q):
     HM: gl.constexpr = q_smem.shape[1]
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    Q_BYTES: gl.constexpr = q_desc.block_type.nbytes
+    # The second Q half is loaded only if warpgroup 1 has a real row: whether TMA signals a box
+    # that lies wholly past seqlen_q with its full byte count is not something to rely on (a
+    # short count would hang q_bar). Otherwise warpgroup 1 computes on whatever its buffer holds;
+    # none of its rows is stored (TMA store clipped, lse masked). The expected byte count is a
+    # constant (expect_tx immediate), hence two complementary predicated expects.
+    second = m0 + HM < seqlen_q
+    mbarrier.expect(q_bar, 2 * Q_BYTES, pred=second)
+    mbarrier.expect(q_bar, Q_BYTES, pred=m0 + HM >= seqlen_q)
     tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _tma_box(q_smem.index(0)))
-    tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)))
+    tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)), pred=second)
     for j in range(n_end):
         s = j % NS
         # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
@@ -345,7 +370,7 @@ def _hopper_attn_fwd(
     gl.warp_specialize([
         (_consumer0, consumer_args),
         (_consumer1, consumer_args),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q)),
     ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
@@ -389,8 +414,11 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
         return False
     # The running max is taken on unscaled scores (scale folded into exp2): a negative scale would
-    # turn it into a minimum and -inf masks into +inf.
-    if not softmax_scale > 0:
+    # turn it into a minimum and -inf masks into +inf. A tiny one is refused too (checked on the
+    # host float, no slope read): qk_scale = scale * log2(e) must stay a normal fp32 number (0
+    # would make the -inf mask 0 * -inf = NaN) and ALiBi's slope / scale finite for any slope
+    # below MIN_SOFTMAX_SCALE * 3.4e38 (inf there would be inf * 0 = NaN on the diagonal).
+    if not softmax_scale >= MIN_SOFTMAX_SCALE:
         return False
     # Every row must see key 0 (the kernel's running max starts from block 0): causal rows with
     # no visible key (seqlen_k < seqlen_q) take the tl kernel.
