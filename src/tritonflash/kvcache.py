@@ -9,12 +9,13 @@ interpreter). CUDA tensors run ``kernels.decode`` (split-KV, paged caches).
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 
 from . import ops
+from ._env import interpreter_requested
 from .checks import (
+    _QKV_DTYPES,
     MAX_HEADDIM,
     check_alibi_slopes,
     check_bias,
@@ -25,18 +26,14 @@ from .checks import (
     check_tensor,
     check_window,
     host_sync_allowed,
+    normalise,
     type_name,
 )
 from .kernels.common import Features
 
 __all__ = ["flash_attn_with_kvcache"]
 
-_DTYPES = (torch.float16, torch.bfloat16)
 PAGE_MULTIPLE = 16
-
-
-def _use_kernels(q) -> bool:
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_index_tensor(name, x, shape, device):
@@ -65,7 +62,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
         check_tensor(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name} must have rank 4, got shape {tuple(x.shape)}")
-        if x.dtype not in _DTYPES:
+        if x.dtype not in _QKV_DTYPES:
             raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
     device = q.device
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -168,15 +165,12 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
     check_softmax_scale(softmax_scale)
     window = check_window(window_size, causal)
     softcap = check_softcap(softcap)
-    slopes = None
     if alibi_slopes is not None:
-        slopes = check_alibi_slopes(alibi_slopes, batch, nheads, device)
+        check_alibi_slopes(alibi_slopes, batch, nheads, device)
     if sinks is not None:
         check_sinks(sinks, nheads, device)
-    bias4 = None
     if bias is not None:
         check_bias(bias, (batch, nheads, seqlen_q, capacity), device, key_dim="seqlen_cache")
-        bias4 = bias[(None,) * (4 - bias.dim())]
     _check_int("num_splits", num_splits)
     check_bool("return_lse", return_lse)
     if torch.is_grad_enabled():
@@ -185,8 +179,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                 raise NotImplementedError(f"flash_attn_with_kvcache is inference only (no backward); {name} requires grad: run it "
                                           "under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
     scale = 1.0 / head_dim**0.5 if softmax_scale is None else float(softmax_scale)
-    return dict(seqlens=seqlens, s_new=s_new, capacity=capacity, scale=scale, window=window, softcap=softcap, slopes=slopes,
-                bias4=bias4, host_lengths=host_lengths)
+    return dict(seqlens=seqlens, s_new=s_new, scale=scale, window=window, softcap=softcap, host_lengths=host_lengths)
 
 
 def _append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table):
@@ -280,7 +273,7 @@ def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias,
     caches already hold the appended tokens; ``seqlens_k`` (b,) int32 = L, ``max_keys`` a host
     bound on L or -1. Returns out (b, sq, h, d) in q's dtype and lse (b, h, sq) fp32, new tensors."""
     window = (window_left, window_right)
-    if not _use_kernels(q):
+    if not (q.is_cuda or interpreter_requested()):
         from .reference import kvcache_attention_ref
 
         out, lse = kvcache_attention_ref(q, k_cache, v_cache, cache_seqlens=seqlens_k, cache_batch_idx=cache_batch_idx,
@@ -289,14 +282,12 @@ def _forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias,
         return out.contiguous(), lse.float().contiguous()
     from .kernels.decode import attn_decode
 
-    qn = q if q.stride(-1) == 1 else q.contiguous()
+    # The kernels' view of q, bias and slopes (the caches have a unit last stride already).
+    inp = normalise(q, k_cache, v_cache, bias, causal, scale, alibi_slopes)
     # The kernel reads seqlens_k[b] and cache_batch_idx[b] at offset b: a strided or expanded
     # index tensor (a column of a (batch, n) tensor, lengths.expand(batch)) needs a packed copy.
     seqlens_k = seqlens_k.contiguous()
     cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
-    slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0))
-    bias4 = None if bias is None else bias[(None,) * (4 - bias.dim())]
-    features = Features(window=window, softcap=softcap)
-    return attn_decode(qn, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias4, slopes, causal, scale, features,
-                       num_splits=num_splits, max_keys=None if max_keys < 0 else max_keys,
-                       sinks=None if sinks is None else sinks.contiguous())
+    features = Features(window=window, softcap=softcap, sinks=None if sinks is None else sinks.contiguous())
+    return attn_decode(inp.q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, inp.bias, inp.alibi_slopes, causal, scale,
+                       features, num_splits=num_splits, max_keys=None if max_keys < 0 else max_keys)

@@ -302,12 +302,12 @@ def choose_splits(batch: int, nheads_k: int, m_blocks: int, max_keys: int, block
 
 
 def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, causal, softmax_scale,
-                features=NO_FEATURES, num_splits=0, max_keys=None, sinks=None):
+                features=NO_FEATURES, num_splits=0, max_keys=None):
     """Decode attention on validated, normalised inputs: q (b, sq, h, d) (unit stride on d),
     k/v caches (unit stride on d) already holding the appended tokens, ``seqlens_k`` (b,)
     int32 valid lengths, ``cache_batch_idx`` (b,) int32 or None, ``block_table`` (b, max_blocks)
     int32 or None, bias a rank-4 view or None, alibi_slopes (1 or b, h) fp32 or None,
-    ``features`` window/softcap, ``sinks`` (h,) or None (merged by the combine kernel). Two
+    ``features`` window/softcap/sinks ((h,) contiguous, merged by the combine kernel). Two
     launches: the split kernel's fp32 partials, then their merge. Returns out (b, sq, h, d) in
     q's dtype and lse (b, h, sq) fp32."""
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -315,15 +315,14 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     group = nheads // nheads_k
     page = 0 if block_table is None else k_cache.shape[1]
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * page
-    rows = group * seqlen_q
-    block_m = max(16, min(triton.next_power_of_2(rows), MAX_BLOCK_M))
-    block_n = key_tile(page or None, max(16, triton.next_power_of_2(head_dim)), q.element_size(), _shared_limit(q.device),
-                       block_m)
-    m_blocks = triton.cdiv(rows, block_m)
-    block_q = min(block_m, triton.next_power_of_2(seqlen_q))
     pb = Problem(batch, seqlen_q, capacity, nheads, nheads_k, head_dim)
     # No key padding mask; the sinks are merged by the combine kernel, not passed to the split kernel.
     meta = launch_meta(pb, q, causal, bias, alibi_slopes, None, softmax_scale, (q,), features._replace(sinks=None))
+    rows = group * seqlen_q
+    block_m = max(16, min(triton.next_power_of_2(rows), MAX_BLOCK_M))
+    block_n = key_tile(page or None, meta.variant.BLOCK_D, q.element_size(), _shared_limit(q.device), block_m)
+    m_blocks = triton.cdiv(rows, block_m)
+    block_q = min(block_m, triton.next_power_of_2(seqlen_q))
     if num_splits == 0:
         num_splits = choose_splits(batch, nheads_k, m_blocks, capacity if max_keys is None else max_keys, block_n, q.device,
                                    meta.variant.BLOCK_D, q.element_size(), paged=page > 0, block_m=block_m)
@@ -347,6 +346,7 @@ def attn_decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bi
     )
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    sinks = features.sinks
     _combine_splits[(batch * seqlen_q * nheads,)](
         out_p, lse_p, q if sinks is None else sinks, out, lse,
         out_p.stride(), lse_p.stride(), out.stride(), lse.stride(), num_splits, seqlen_q, nheads, head_dim,
