@@ -28,13 +28,15 @@ Importing this module does not import transformers; the functions do, and raise 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import logging
 import types
 import warnings
 
 import torch
+
+from ..layers.backends import DECODE_MAX_SEQLEN_Q, triton_compute_dtype
 
 __all__ = ["DEFAULT_NAME", "TritonflashMask", "attention_forward", "build_mask", "patch", "register"]
 
@@ -101,6 +103,7 @@ def register(name: str = DEFAULT_NAME) -> str:
 # Masks
 # ----------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(kw_only=True, eq=False, repr=False)
 class TritonflashMask:
     """The mask of one forward as tritonflash needs it, built by :func:`build_mask`.
 
@@ -117,19 +120,17 @@ class TritonflashMask:
     2-D or 4-D tensor mask leaves it alone.
     """
 
-    ndim = None
+    ndim = None  # a class attribute, not a field
 
-    def __init__(self, *, q_length, kv_length, q_offset=0, kv_offset=0, causal=False, window=None,
-                 key_padding_mask=None, packed_ids=None, dense=None):
-        self.q_length = q_length
-        self.kv_length = kv_length
-        self.q_offset = q_offset
-        self.kv_offset = kv_offset
-        self.causal = causal
-        self.window = window
-        self.key_padding_mask = key_padding_mask
-        self.packed_ids = packed_ids
-        self.dense = dense
+    q_length: int
+    kv_length: int
+    q_offset: int | torch.Tensor = 0
+    kv_offset: int = 0
+    causal: bool = False
+    window: tuple | None = None
+    key_padding_mask: torch.Tensor | None = None
+    packed_ids: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
     def to(self, *args, **kwargs):
         return self
@@ -234,18 +235,6 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
 # The attention function
 # ----------------------------------------------------------------------------------------------
 
-@functools.cache
-def _params(fn):
-    return frozenset(inspect.signature(fn).parameters)
-
-
-def _needs(fn, param, what, kwarg):
-    if param not in _params(fn):
-        raise NotImplementedError(
-            f"{kwarg}: the model asks for {what}, which this tritonflash cannot do yet "
-            f"({fn.__name__} has no {param!r} argument); use another attn_implementation for this model")
-
-
 def _attentions_requested(kwargs):
     if kwargs.get("output_attentions"):
         return True
@@ -288,12 +277,6 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     )
 
 
-def _compute_dtype(x):
-    from ..layers.backends import triton_compute_dtype
-
-    return triton_compute_dtype(x)
-
-
 def _check_qkv(query, key, value):
     for arg, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -312,7 +295,7 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
     from .. import api
 
     _check_qkv(query, key, value)
-    dtype = _compute_dtype(query)
+    dtype = triton_compute_dtype(query)
     q = query.transpose(1, 2).to(dtype)  # (b, s, h, d) views when the dtype already matches
     k = key.transpose(1, 2).to(dtype)
     v = value.transpose(1, 2).to(dtype)
@@ -323,14 +306,11 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
     fn = api.flash_attn_varlen_func if varlen else api.flash_attn_func
 
     if softcap is not None and float(softcap) != 0.0:
-        _needs(fn, "softcap", f"logit soft-capping (softcap={softcap})", "softcap")
         opts["softcap"] = float(softcap)
     if sinks is not None:
-        _needs(fn, "sinks", "attention sinks", "s_aux")
         opts["sinks"] = sinks.float()
     dropout = float(dropout or 0.0)
-    if dropout > 0.0 and not varlen:
-        _needs(fn, "dropout_p", f"attention dropout (dropout={dropout} in training mode)", "dropout")
+    if dropout > 0.0 and not varlen:  # varlen takes it positionally
         opts["dropout_p"] = dropout
     if alibi_slopes is not None:
         opts["alibi_slopes"] = alibi_slopes
@@ -410,19 +390,14 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
             elif window is not None and int(mask.q_offset) - int(mask.kv_offset) != sk - sq:
                 dense = _materialise(mask, b, q.device)
         if dense is None and window is not None:
-            if "window_size" in _params(fn):
-                opts["window_size"] = window
-            else:
-                dense = _materialise(mask, b, q.device) if isinstance(mask, TritonflashMask) else None
-                if dense is None:
-                    _needs(fn, "window_size", f"a sliding window ({sliding_window})", "sliding_window")
+            opts["window_size"] = window
     if dense is not None:
         if alibi_slopes is not None:
             raise NotImplementedError("attention_mask: an arbitrary mask together with ALiBi is not supported")
         kpm, causal = None, False
         opts.pop("window_size", None)
         if dense.dtype == torch.bool:
-            if bias is None and "attn_mask" in _params(fn):
+            if bias is None:
                 opts["attn_mask"] = dense
             else:
                 mbias = _to_bias(dense, torch.float32 if bias is None else bias.dtype)
@@ -431,11 +406,6 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
             bias = dense if bias is None else bias + dense
     out = fn(q, k, v, bias, causal, scaling, key_padding_mask=kpm, **opts)
     return out.to(query.dtype), None
-
-
-# Query rows up to which a call with cached keys decodes through flash_attn_with_kvcache (the
-# layers' backends.DECODE_MAX_SEQLEN_Q).
-DECODE_MAX_SEQLEN_Q = 16
 
 
 def _decoding(query, key, value, mask, bias, dropout, sq, sk):
@@ -483,8 +453,7 @@ def _decode(q, k, v, mask, causal, window, bias, scaling, opts):
         elif window is not None and int(qo) - int(mask.kv_offset) != sk - sq:
             return None
     if kpm is not None:
-        pad = torch.zeros(kpm.shape, dtype=torch.float32, device=q.device).masked_fill_(~kpm.to(q.device), float("-inf"))
-        pad = pad[:, None, None, :]
+        pad = _to_bias(kpm.to(q.device), torch.float32)[:, None, None, :]
         bias = pad if bias is None else bias.float() + pad
     kw = {name: opts[name] for name in ("softcap", "sinks", "alibi_slopes") if name in opts}
     if window is not None:
@@ -494,7 +463,8 @@ def _decode(q, k, v, mask, causal, window, bias, scaling, opts):
 
 
 def _materialise(mask, batch, device):
-    """A dense boolean mask for a TritonflashMask whose window tritonflash cannot express here."""
+    """A dense boolean mask for a TritonflashMask whose window tritonflash cannot express: a
+    bidirectional window whose offsets are not aligned bottom-right."""
     from transformers import masking_utils as mu
 
     fn = mu.causal_mask_function if mask.causal else mu.bidirectional_mask_function
@@ -506,8 +476,8 @@ def _materialise(mask, batch, device):
     pm = None
     if mask.key_padding_mask is not None:  # back to absolute columns
         pm = torch.nn.functional.pad(mask.key_padding_mask, (mask.kv_offset, 0), value=False)
-    warnings.warn("tritonflash: this tritonflash has no window_size; the sliding-window mask is materialised "
-                  "as a dense bias (O(q_len * kv_len) memory)", stacklevel=3)
+    warnings.warn("tritonflash: a bidirectional sliding window whose offsets are not aligned bottom-right is "
+                  "materialised as a dense bias (O(q_len * kv_len) memory)", stacklevel=3)
     return _dense_mask(mu, batch_size=batch, q_length=mask.q_length, kv_length=mask.kv_length,
                        q_offset=mask.q_offset, kv_offset=mask.kv_offset, mask_function=fn, attention_mask=pm,
                        device=device)
@@ -539,7 +509,6 @@ def _varlen(fn, query, q, k, v, mask, causal, window, bias, dropout, scaling, op
     cu_k = cu_k.to(device=q.device, dtype=torch.int32)
     max_q, max_k = int(max_q), int(max_k)
     if window is not None:
-        _needs(fn, "window_size", "a sliding window with packed sequences", "sliding_window")
         opts["window_size"] = window
     out = fn(q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], d), v.reshape(b * sk, v.shape[2], v.shape[3]),
              cu_q, cu_k, max_q, max_k, dropout, scaling, causal, **opts)
