@@ -38,6 +38,10 @@ def backward(inp: Inputs, dout, out, lse, dq, dk, dv, bias_grad: bool, sinks_gra
     return dbias, dsinks
 
 
+def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Varlen:
+    return Varlen(contiguous_cu_seqlens(cu_seqlens_q), contiguous_cu_seqlens(cu_seqlens_k), int(max_seqlen_q), int(max_seqlen_k))
+
+
 def varlen_forward(inp: Inputs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
     """Varlen (out, lse (nheads, total_q)); ``max_seqlen_q/k`` size the launch. A batch with no
     query row or no key launches nothing: out 0, lse -inf (the sink's logit with sinks)."""
@@ -49,8 +53,7 @@ def varlen_forward(inp: Inputs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, m
         if sinks is not None:  # rows with only the sink: lse = the sink
             lse = sinks.detach()[:, None].expand(q.shape[1], q.shape[0]).contiguous()
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), lse
-    varlen = Varlen(contiguous_cu_seqlens(cu_seqlens_q), contiguous_cu_seqlens(cu_seqlens_k), int(max_seqlen_q), int(max_seqlen_k))
-    return forward(inp, varlen)
+    return forward(inp, _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 def varlen_backward(inp: Inputs, dout, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -61,7 +64,7 @@ def varlen_backward(inp: Inputs, dout, out, lse, dq, dk, dv, cu_seqlens_q, cu_se
             g.zero_()
         sinks = inp.features.sinks
         return torch.zeros_like(sinks) if sinks_grad and sinks is not None else None
-    varlen = Varlen(contiguous_cu_seqlens(cu_seqlens_q), contiguous_cu_seqlens(cu_seqlens_k), int(max_seqlen_q), int(max_seqlen_k))
+    varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backward(inp, dout, out, lse, dq, dk, dv, False, sinks_grad, varlen)[1]
 
 

@@ -44,7 +44,8 @@ from .autograd import (
 )
 from .checks import normalise
 
-__all__ = ["fwd", "bwd", "fwd_qkvpacked", "bwd_qkvpacked", "fwd_kvpacked", "bwd_kvpacked", "fwd_varlen", "bwd_varlen"]
+__all__ = ["fwd", "bwd", "fwd_qkvpacked", "bwd_qkvpacked", "fwd_kvpacked", "bwd_kvpacked", "fwd_varlen", "bwd_varlen",
+           "fwd_kvcache"]
 
 _OPTIONS = "Tensor? bias, Tensor? alibi_slopes, Tensor? key_padding_mask, Tensor? sinks, Tensor? dropout_seed, Tensor? attn_mask"
 _SCALARS = "bool causal, float softmax_scale, int window_left, int window_right, float softcap, float dropout_p"
@@ -187,4 +188,3 @@ def _(q, *args):
 
 
 fwd_kvcache.register_vmap(_no_vmap("flash_attn_with_kvcache", "tritonflash::fwd_kvcache").__func__)
-__all__.append("fwd_kvcache")
