@@ -840,15 +840,21 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def smoke_seconds(fn) -> float:
+    """Median seconds of SMOKE_REPS calls by perf_counter: a smoke run's timing (do_bench and CUDA
+    events need a GPU; the plumbing is what is checked, and the gate's call was the warm-up)."""
+    times = []
+    for _ in range(SMOKE_REPS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_ms(fn, context, on_cuda: bool, budget: tuple[int, int]) -> float:
     with context():
-        if not on_cuda:  # smoke run: do_bench needs CUDA; the plumbing is what is checked
-            times = []  # (the gate's call was the warm-up)
-            for _ in range(SMOKE_REPS):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        if not on_cuda:
+            return smoke_seconds(fn) * 1e3
         import triton.testing
 
         warmup, rep = budget
@@ -1209,6 +1215,22 @@ def parse_args(argv):
     return args
 
 
+def start_run(smoke: bool, commit: str | None, out: str | None) -> tuple[dict, str, Path] | None:
+    """What this script and bench_decode.py do first: the interpreter for a smoke run, then the
+    run's metadata, the GPU's short name (the results' file prefix) and the results folder. None
+    (after saying why) when a GPU run finds no GPU."""
+    if smoke:
+        # CPU tensors run the Triton kernels only in the interpreter, chosen before Triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("error: no CUDA GPU; run with --smoke to check the plumbing on CPU", file=sys.stderr)
+        return None
+    meta = metadata(not smoke, commit)
+    short = "cpu_smoke" if smoke else gpu_short_name(meta["gpu"])
+    out_dir = Path(out) if out else (ROOT / "build" / "bench_smoke" if smoke else ROOT / "benchmarks" / "results")
+    return meta, short, out_dir
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.decode_only:
@@ -1216,16 +1238,11 @@ def main(argv=None) -> int:
         return 0
     on_cuda = not args.smoke
     add_peers_dir(args.peers_dir)  # before anything imports flash_attn
-    if args.smoke:
-        # CPU tensors run the Triton kernels only in the interpreter, chosen before Triton is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    elif not torch.cuda.is_available():
-        print("error: no CUDA GPU; run with --smoke to check the plumbing on CPU", file=sys.stderr)
+    started = start_run(args.smoke, args.commit, args.out)
+    if started is None:
         return 2
+    meta, short, out_dir = started
     device = "cuda" if on_cuda else "cpu"
-    meta = metadata(on_cuda, args.commit)
-    short = gpu_short_name(meta["gpu"]) if on_cuda else "cpu_smoke"
-    out_dir = Path(args.out) if args.out else (ROOT / "build" / "bench_smoke" if args.smoke else ROOT / "benchmarks" / "results")
     path = out_dir / f"{short}.json"
     budget = BENCH_MS["quick" if args.quick else "full"]
     cases = make_cases(args.suites, args.headdims, args.seqlens, args.smoke, args.quick)

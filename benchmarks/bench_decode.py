@@ -41,11 +41,8 @@ Paged caches run the tritonflash decode methods only (the peers take contiguous 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,10 +50,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # bench_attention's helpers (metadata, commit, flex)
-if importlib.util.find_spec("tritonflash") is None:
-    sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench_attention's helpers; importing it also puts src/ on sys.path when tritonflash is not installed.
+from bench_attention import compiled_flex, parse_list, seqlen_label, smoke_seconds, start_run  # noqa: E402
 
 NHEADS, HEADDIM = 32, 128
 FULL = dict(batches=[1, 8, 64], lengths=[1024, 8192, 32768, 131072], nheads_k=[8, 1], pages=[None, 256])
@@ -68,7 +64,6 @@ TARGET_COPY_FRACTION = 0.8
 METHODS = ["tf_decode", "tf_decode_alibi", "tf_decode_bias", "tf_prefill", "layer_concat", "sdpa_gqa", "flex"]
 PAGED_METHODS = {"tf_decode", "tf_decode_alibi", "tf_decode_bias"}
 TOLERANCE = 2e-2  # bf16 output, max abs error against the fp32 reference
-SMOKE_REPS = 1  # the gate's call was the warm-up
 GRAPH_STEPS = 8  # decode steps per captured CUDA graph
 
 
@@ -80,17 +75,8 @@ def copy_bandwidth(device, nbytes=2**30) -> float:
     return 2 * nbytes / t
 
 
-def time_fn(fn, on_cuda=True, reps=50) -> float:
-    """Median seconds of one call (CUDA events after a warm-up call; smoke: perf_counter)."""
-    if not on_cuda:
-        times = []
-        for _ in range(SMOKE_REPS):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    fn()
-    torch.cuda.synchronize()
+def event_median(fn, reps) -> float:
+    """Median seconds of ``fn`` between two CUDA events, over ``reps`` synchronized calls."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -100,6 +86,15 @@ def time_fn(fn, on_cuda=True, reps=50) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def time_fn(fn, on_cuda=True, reps=50) -> float:
+    """Median seconds of one call (CUDA events after a warm-up call; smoke: perf_counter)."""
+    if not on_cuda:
+        return smoke_seconds(fn)
+    fn()
+    torch.cuda.synchronize()
+    return event_median(fn, reps)
 
 
 def time_graph(fn, steps=GRAPH_STEPS, reps=20) -> float:
@@ -118,16 +113,9 @@ def time_graph(fn, steps=GRAPH_STEPS, reps=20) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / steps)
+    t = event_median(graph.replay, reps) / steps
     del graph
-    return sorted(times)[len(times) // 2]
+    return t
 
 
 def make_case(batch, length, nheads, nheads_k, d, page, device, dtype=torch.bfloat16):
@@ -141,18 +129,6 @@ def make_case(batch, length, nheads, nheads_k, d, page, device, dtype=torch.bflo
     kc = torch.randn(batch * blocks, page, nheads_k, d, device=device, dtype=dtype)
     table = torch.randperm(batch * blocks, device=device).view(batch, blocks).to(torch.int32)
     return q, kc, torch.randn_like(kc), table
-
-
-_FLEX = None
-
-
-def compiled_flex():
-    global _FLEX
-    if _FLEX is None:
-        from bench_attention import compiled_flex as shared
-
-        _FLEX = shared()  # one compiled flex_attention per process, with bench_attention's recompile limits
-    return _FLEX
 
 
 def builders(q, kc, vc, table, length, nheads_k):
@@ -195,7 +171,7 @@ def builders(q, kc, vc, table, length, nheads_k):
             return kv < lengths[bi]
 
         mask = create_block_mask(valid, B=b, H=None, Q_LEN=1, KV_LEN=capacity, device=q.device)
-        fn = compiled_flex()
+        fn = compiled_flex()  # one per process, with bench_attention's recompile limits
         qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
         return lambda: fn(qt, kt, vt, block_mask=mask, enable_gqa=True).transpose(1, 2)
 
@@ -324,7 +300,7 @@ def write_plot(path: Path, meta: dict, rows: list[dict], copy_bw) -> bool:
             ax.axhline(TARGET_COPY_FRACTION * copy_bw / 1e9, color="k", linestyle=":", linewidth=1, label="80% target")
         ax.set_xscale("log", base=2)
         lengths = sorted({r["length"] for r in sel})
-        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_xticks(lengths, [seqlen_label(n) for n in lengths])
         ax.minorticks_off()
         ax.set_ylim(bottom=0)
         ax.set_title(f"h_k {hk}, {'paged ' + str(page) if page else 'contiguous'}, batch {batch}", fontsize=10)
@@ -341,6 +317,13 @@ def write_plot(path: Path, meta: dict, rows: list[dict], copy_bw) -> bool:
     return True
 
 
+def write_json(path: Path, meta: dict, copy_bw, rows: list[dict], **final):
+    """The results file: metadata, the copy bandwidth, the rows, then what the finished run adds
+    (``left_out``, ``derived``)."""
+    with open(path, "w") as f:
+        json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows, **final), f, indent=1)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -355,11 +338,11 @@ def parse_args(argv):
     args, ignored = ap.parse_known_args(argv)
     if ignored:
         print(f"note: bench_decode ignores bench_attention's options {ignored}")
-    args.methods = [m.strip() for m in args.decode_methods.split(",") if m.strip()] if args.decode_methods else list(METHODS)
+    args.methods = parse_list([args.decode_methods], str.strip) if args.decode_methods else list(METHODS)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method {unknown}; choose from {METHODS}")
-    suites = {s.strip() for v in args.suite or [] for s in v.split(",") if s.strip()}
+    suites = set(parse_list(args.suite, str.strip))
     args.skip = bool(suites) and not suites & {"decode", "all"}
     return args
 
@@ -370,16 +353,10 @@ def main(argv=None) -> int:
         print("bench_decode: 'decode' is not among --suite; nothing to do")
         return 0
     on_cuda = not args.smoke
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before tritonflash imports Triton
-    elif not torch.cuda.is_available():
-        print("error: no CUDA GPU; run with --smoke to check the plumbing on CPU", file=sys.stderr)
+    started = start_run(args.smoke, args.commit, args.out)
+    if started is None:
         return 2
-    from bench_attention import ROOT, gpu_short_name, metadata
-
-    meta = metadata(on_cuda, args.commit)
-    short = gpu_short_name(meta["gpu"]) if on_cuda else "cpu_smoke"
-    out_dir = Path(args.out) if args.out else (ROOT / "build" / "bench_smoke" if args.smoke else ROOT / "benchmarks" / "results")
+    meta, short, out_dir = started
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{short}_decode.json"
     grid = SMOKE if args.smoke else (QUICK if args.quick else FULL)
@@ -409,13 +386,11 @@ def main(argv=None) -> int:
                                   + f" [{r['timing']}; eager {r['us_eager']:.1f} us]")
                         print(f"[{time.perf_counter() - t0:7.1f}s] b{batch} L{length} hk{nheads_k} page {page} "
                               f"{r['method']:<16} {result}", flush=True)
-                    with open(path, "w") as f:  # after every case: an interrupted run keeps what it measured
-                        json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows), f, indent=1)
+                    write_json(path, meta, copy_bw, rows)  # after every case: an interrupted run keeps what it measured
     if left_out:
         print(f"--max-seconds {args.max_seconds:g}: {len(left_out)} case(s) left out")
     summary = derived(rows)
-    with open(path, "w") as f:
-        json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows, left_out=left_out, derived=summary), f, indent=1)
+    write_json(path, meta, copy_bw, rows, left_out=left_out, derived=summary)
     print("targets (CUDA-graph step time): copy >= 0.8 where kv >= 256 MB; x_sdpa >= 3 at b1 32k; alibi/bias cost <= 0.10")
     for d in summary:
         print("  " + " ".join(f"{k}={v}" for k, v in d.items()))
@@ -424,8 +399,7 @@ def main(argv=None) -> int:
         print(f"wrote {png}")
     print(f"wrote {path}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta, copy_bandwidth=copy_bw, rows=rows, left_out=left_out, derived=summary), f, indent=1)
+        write_json(Path(args.json), meta, copy_bw, rows, left_out=left_out, derived=summary)
     ours_failed = [r for r in rows if r["method"].startswith("tf_") and str(r.get("error", "")).startswith("failed correctness")]
     if ours_failed:
         print(f"{len(ours_failed)} tritonflash decode row(s) failed the correctness check", file=sys.stderr)

@@ -33,6 +33,17 @@ def load_bench():
 bench = load_bench()
 
 
+def run_smoke(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """``script --smoke`` in a fresh interpreter (Triton's interpreter, src/ on the path); it must
+    exit 0."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), "--smoke", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture
 def keep_env(monkeypatch):
     """main(--smoke) sets TRITON_INTERPRET if unset; pin it so that it cannot leak into later tests."""
@@ -77,11 +88,7 @@ def check_schema(data, methods):
 def test_smoke_cli_writes_results(tmp_path):
     """The CLI end to end: every suite (the variant suites with their baselines and derived
     ratios), a JSON in the documented format, a plot per suite."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", ",".join(SMOKE_METHODS)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_smoke(SCRIPT, "--out", str(tmp_path), "--methods", ",".join(SMOKE_METHODS))
     data = json.loads((tmp_path / "cpu_smoke.json").read_text())
     check_schema(data, SMOKE_METHODS + BASELINES)
     rows = data["rows"]
@@ -294,11 +301,7 @@ def test_decode_smoke_cli_writes_results(tmp_path):
     """bench_decode.py --smoke with make bench's arguments: bench_attention's options ignored,
     a JSON with the metadata and a row per (case, method) that passed the gate or says why
     not, a plot."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(DECODE_SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", "tritonflash,sdpa_math"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_smoke(DECODE_SCRIPT, "--out", str(tmp_path), "--methods", "tritonflash,sdpa_math")
     data = json.loads((tmp_path / "cpu_smoke_decode.json").read_text())
     for key in ("gpu", "torch", "triton", "commit", "rows"):
         assert key in data
