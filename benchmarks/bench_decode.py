@@ -62,7 +62,6 @@ SMOKE_HEADS, SMOKE_DIM = 4, 32
 MAX_CACHE_BYTES = 40 * 2**30  # skip cases whose K/V cache would not fit beside the peers
 TARGET_COPY_FRACTION = 0.8
 METHODS = ["tf_decode", "tf_decode_alibi", "tf_decode_bias", "tf_prefill", "layer_concat", "sdpa_gqa", "flex"]
-PAGED_METHODS = {"tf_decode", "tf_decode_alibi", "tf_decode_bias"}
 TOLERANCE = 2e-2  # bf16 output, max abs error against the fp32 reference
 GRAPH_STEPS = 8  # decode steps per captured CUDA graph
 
