@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc
-from .checks import draw_dropout_seed, prepare, prepare_varlen, unpack_kv, unpack_qkv, unpack_varlen_kv, unpack_varlen_qkv
+from .autograd import FlashAttnFunc, FlashAttnKVPackedFunc, FlashAttnQKVPackedFunc, FlashAttnVarlenFunc, _seed_for
+from .checks import prepare, prepare_varlen, unpack_kv, unpack_qkv, unpack_varlen_kv, unpack_varlen_qkv
 from .reference import attention_ref, varlen_attention_ref
 
 __all__ = [
@@ -34,8 +34,7 @@ def _use_kernels(x) -> bool:
 
 
 def _reference(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, return_lse, **features):
-    if isinstance(q, torch.Tensor):
-        features["dropout_seed"] = draw_dropout_seed(features.get("dropout_p", 0.0), q.device)
+    features["dropout_seed"] = _seed_for(features["dropout_p"], q)
     inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, **features)
     return attention_ref(
         inp.q, inp.k, inp.v, bias, inp.causal, inp.softmax_scale,
@@ -106,7 +105,7 @@ def flash_attn_kvpacked_func(
 
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                       alibi_slopes, return_lse, window_size, softcap, sinks, validate=True):
-    seed = draw_dropout_seed(dropout_p, q.device) if isinstance(q, torch.Tensor) else None
+    seed = _seed_for(dropout_p, q)
     inp, _, _ = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                softmax_scale, alibi_slopes, validate=validate, window_size=window_size, softcap=softcap,
                                sinks=sinks, dropout_seed=seed)

@@ -84,22 +84,6 @@ def _kernel_backward(inp: Inputs, out, lse, dout, bias_needs_grad, dq=None, dk=N
     return dq, dk, dv, dbias, dsinks
 
 
-# The score features travel through the Functions as these inputs, in this order, after the
-# original ones: (window_size, softcap, sinks, dropout_p, dropout_seed, attn_mask).
-def _feature_kwargs(window_size, softcap, sinks, dropout_p, dropout_seed, attn_mask):
-    return dict(window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                attn_mask=attn_mask)
-
-
-def _features(window_size, softcap, sinks, dropout_p, dropout_seed, attn_mask) -> Features:
-    """``Features`` of inputs that forward validated already (the backward rebuilds them)."""
-    if attn_mask is not None:
-        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]
-    left, right = window_size
-    return Features((int(left), int(right)), float(softcap), sinks, float(dropout_p), dropout_seed if dropout_p > 0 else None,
-                    attn_mask)
-
-
 def _seed_for(dropout_p, q):
     """The dropout seed drawn before the Function runs, so that it is one of its inputs (saved
     for the backward, visible to torch.func). Non-tensor q: validation names it later."""
@@ -185,10 +169,14 @@ def op_arguments(inp: Inputs, bias, alibi_slopes, key_padding_mask) -> tuple:
             inp.causal, inp.softmax_scale, f.window[0], f.window[1], f.softcap, f.dropout_p)
 
 
-def scalar_features(options, scalars, sinks=None) -> Features:
-    _, _, _, sinks_, seed, amask = options
+def scalar_features(options, scalars) -> Features:
+    """``Features`` of OPTIONS + SCALARS that the front validated already (the ops and the
+    backward rebuild them)."""
+    _, _, _, sinks, seed, amask = options
     _, _, left, right, softcap, dropout_p = scalars
-    return _features((left, right), softcap, sinks_ if sinks is None else sinks, dropout_p, seed, amask)
+    if amask is not None:
+        amask = amask[(None,) * (4 - amask.dim())]
+    return Features((int(left), int(right)), float(softcap), sinks, float(dropout_p), seed if dropout_p > 0 else None, amask)
 
 
 def padded_setup_context(layout: Layout):
@@ -345,7 +333,8 @@ class FlashAttnFunc:
               return_lse=False, *, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, attn_mask=None):
         seed = _seed_for(dropout_p, q)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+                      window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
+                      attn_mask=attn_mask)
         out, lse = _apply(_FlashAttn, SEPARATE.fwd, _distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
@@ -363,7 +352,8 @@ class FlashAttnQKVPackedFunc:
         seed = _seed_for(dropout_p, qkv)
         q, k, v = unpack_qkv(qkv)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+                      window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
+                      attn_mask=attn_mask)
         out, lse = _apply(_FlashAttnQKVPacked, QKVPACKED.fwd, _distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
@@ -381,7 +371,8 @@ class FlashAttnKVPackedFunc:
         seed = _seed_for(dropout_p, q)
         k, v = unpack_kv(kv)
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
-                      **_feature_kwargs(window_size, softcap, sinks, dropout_p, seed, attn_mask))
+                      window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
+                      attn_mask=attn_mask)
         out, lse = _apply(_FlashAttnKVPacked, KVPACKED.fwd, _distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 

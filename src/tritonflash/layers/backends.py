@@ -296,26 +296,28 @@ def triton_flash_attn_fn(
         raise NotImplementedError("attn_impl='triton' cannot return attention weights (needs_weights=True); "
                                   "use attn_impl='torch'")
     dtype = triton_compute_dtype(query)
+    q, k, v = (x.to(dtype) for x in (c.q, c.k, c.v))
+    dropout_p = dropout_p if training else 0.0
     bias = c.bias
     if bias is not None and bias.dtype == torch.float64:
         # The kernels add fp32 at most; the gradient flows back to the fp64 bias.
         bias = bias.float()
-    if _decodes(c, past_key_value, dropout_p if training else 0.0):
+    if _decodes(c, past_key_value, dropout_p):
         # Decoding with a cache: the split-KV kernel over the concatenated keys (all of them
         # valid), one program per GQA group; the same semantics as flash_attn_func below.
-        out = flash_attn_with_kvcache(c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias=bias, causal=c.causal,
-                                      softmax_scale=c.softmax_scale, alibi_slopes=c.alibi_slopes, window_size=c.window_size,
-                                      softcap=c.softcap)
+        out = flash_attn_with_kvcache(q, k, v, bias=bias, causal=c.causal, softmax_scale=c.softmax_scale,
+                                      alibi_slopes=c.alibi_slopes, window_size=c.window_size, softcap=c.softcap)
         return out.flatten(2).to(query.dtype), None, c.past_key_value
     out = flash_attn_func(
-        c.q.to(dtype), c.k.to(dtype), c.v.to(dtype), bias, c.causal, c.softmax_scale,
-        alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask, dropout_p=dropout_p if training else 0.0,
+        q, k, v, bias, c.causal, c.softmax_scale,
+        alibi_slopes=c.alibi_slopes, key_padding_mask=c.key_padding_mask, dropout_p=dropout_p,
         window_size=c.window_size, softcap=c.softcap,
     )
     return out.flatten(2).to(query.dtype), None, c.past_key_value
 
 
-# Query rows up to which the 'triton' backend decodes through flash_attn_with_kvcache.
+# Query rows up to which the 'triton' backend (and the transformers integration) decodes
+# through flash_attn_with_kvcache.
 DECODE_MAX_SEQLEN_Q = 16
 
 
