@@ -2,7 +2,7 @@
 
 Not the library's path: this guards the spike against Triton/Gluon API drift until it is
 measured. Compiled in a subprocess (the test process runs Triton in interpreter mode) through
-the spike's own stand-in driver, once for all tests of this module; about 40 s on the 2-core
+tests/sm90_compile.py's stand-in driver, once for all tests of this module; about 40 s on the 2-core
 CPU machine with an empty cache (12 kernels).
 """
 

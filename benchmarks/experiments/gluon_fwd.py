@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import triton
@@ -58,8 +59,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# The CTA order (longest-first under causal) is the library's, which grew out of this spike.
-from tritonflash.kernels.hopper import _tile_coords  # noqa: E402
+# The CTA order (longest first under causal) and the score mod are the library's, which grew out
+# of this spike; both compile to the spike's own former PTX. The spike's only mask is the causal
+# one (its lengths are tile multiples): _score_mod's CAUSAL=True flavour, with 0 for seqlen_k,
+# which only the non-causal mask reads. _block_range stays the spike's own: the library's also
+# handles partial key blocks and past-the-end query rows, a few more instructions per CTA.
+# The section size of that CTA order is the library's too.
+from tritonflash.kernels.hopper import _heads_per_l2_section, _score_mod, _tile_coords
 
 BLOCK_M = 128  # query rows per CTA (two warpgroups x 64)
 HALF_M = 64  # query rows per consumer warpgroup
@@ -77,7 +83,6 @@ VARIANTS = {  # name: (STAGES, PINGPONG)
     "s4_pingpong": (4, True),  # d64 only (d128: 4 stages of K and V do not fit in shared memory)
 }
 LOG2E = 1.4426950408889634
-L2_BYTES_DEFAULT = 50 * 1024 * 1024  # H100/H200; the compile-only run has no device to ask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,27 +154,6 @@ def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAU
 
 
 @gluon.jit
-def _score_mod(sc, n0, row0, alibi_c, MASK: gl.constexpr, ALIBI: gl.constexpr):
-    """The scores of one tile with ALiBi and the causal mask, still in q.k units (the softmax
-    applies scale * log2(e)). sc: (HM, BN) fp32 for keys n0 .. n0 + BN - 1 and the query rows
-    whose i + seqlen_k - seqlen_q runs from row0; alibi_c: the slope in q.k units."""
-    HM: gl.constexpr = sc.shape[0]
-    BN: gl.constexpr = sc.shape[1]
-    layout: gl.constexpr = sc.type.layout
-    if MASK or ALIBI:
-        # Relative to the block (exact in fp32: |values| < 2^24): a per-row value minus the column
-        # inside the tile, so the per-element work is a subtract, a multiply-add and a select.
-        rows = (row0 - n0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))).to(gl.float32)
-        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)).to(gl.float32)
-        rel = gl.expand_dims(rows, 1) - gl.expand_dims(cols, 0)  # (HM, BN): i + seqlen_k - seqlen_q - j
-        if ALIBI:
-            sc = sc - alibi_c * gl.abs(rel)
-        if MASK:
-            sc = gl.where(rel >= 0.0, sc, float("-inf"))
-    return sc
-
-
-@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, q_row, kv_row, q_col,
               kv_col, STAGES: gl.constexpr):
     HM: gl.constexpr = q_desc.block_type.shape[0]
@@ -214,7 +198,7 @@ def _kv_step(j, WG: gl.constexpr, q, kv_smem, bars, acc, p, m_i, l_i, s_zero, ro
         mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     # S_j done; the PV wgmma issued after it may still run (wgmma groups complete in order).
     sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-    sc = _score_mod(sc, j * BN, row0, alibi_c, MASK, ALIBI)
+    sc = _score_mod(sc, j * BN, row0, 0, alibi_c, MASK, True, ALIBI)
     # m_i is finite (block 0 gives every row a visible key), so a row that sees no key of block j
     # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
@@ -260,7 +244,7 @@ def _consumer(WG: gl.constexpr, q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k
     if PINGPONG:
         mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    sc = _score_mod(sc, 0, row0, alibi_c, CAUSAL, ALIBI)
+    sc = _score_mod(sc, 0, row0, 0, alibi_c, CAUSAL, True, ALIBI)
     m_i = gl.max(sc, axis=1) * qk_scale
     pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(pf, axis=1)
@@ -413,14 +397,6 @@ def check_supported(q, k, v, causal, alibi_slopes, variant):
         raise ValueError("gluon spike: " + "; ".join(problems))
 
 
-def heads_per_l2_section(k, nheads) -> int:
-    """(batch, head) pairs per causal scheduling section: as many k/v heads as fill half of L2
-    (the other half for the Q/O streams), times the query heads that share each."""
-    l2 = torch.cuda.get_device_properties(k.device).L2_cache_size if k.is_cuda else L2_BYTES_DEFAULT
-    kv_head_bytes = 2 * k.shape[1] * k.shape[3] * k.element_size()
-    return max(1, (l2 // 2) // kv_head_bytes) * (nheads // k.shape[2])
-
-
 def gluon_attention(q, k, v, softmax_scale=None, causal=False, alibi_slopes=None, variant="s3_pingpong", warmup=False):
     """(out, lse) for the spike's cases; warmup=True compiles only (no launch) and returns the kernel."""
     check_supported(q, k, v, causal, alibi_slopes, variant)
@@ -434,7 +410,7 @@ def gluon_attention(q, k, v, softmax_scale=None, causal=False, alibi_slopes=None
     meta = dict(STAGES=stages, PINGPONG=pingpong, CAUSAL=causal, ALIBI=alibi_slopes is not None, P_WARPS=PRODUCER_WARPS,
                 P_REGS=PRODUCER_REGS, C_REGS=CONSUMER_REGS, num_warps=4)
     args = dict(q_desc=qd, k_desc=kd, v_desc=vd, o_desc=od, lse_ptr=lse, alibi_ptr=alibi_slopes, seqlen_q=sq,
-                seqlen_k=k.shape[1], nheads=h, group=h // k.shape[2], heads_per_section=heads_per_l2_section(k, h),
+                seqlen_k=k.shape[1], nheads=h, group=h // k.shape[2], heads_per_section=_heads_per_l2_section(k, h),
                 qk_scale=scale * LOG2E)
     if warmup:
         return gluon_attn_fwd.warmup(**args, grid=grid, **meta)
@@ -447,26 +423,10 @@ def gluon_attention(q, k, v, softmax_scale=None, causal=False, alibi_slopes=None
 # --------------------------------------------------------------------------------------------
 
 def _install_sm90_stand_in_driver():
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class _SM90Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_device_interface(self):
-            return torch.cuda
-
-    driver.set_active(_SM90Driver())
+    """The tests' stand-in sm_90 driver (tests/sm90_compile.py): importing it makes Triton target
+    sm_90 without a GPU, and every JIT launch compile-only (this script only warms up)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    import sm90_compile  # noqa: F401
 
 
 def compile_facts(kernel) -> dict:
