@@ -9,13 +9,17 @@ Prints one JSON line per compiled kernel: name, variant, shared memory, whether 
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITONFLASH_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime import driver, jit  # noqa: E402
 
 
@@ -102,20 +106,22 @@ def run_decode_case(d, dtype, nheads, nheads_k, seqlen_q=1, page=None, alibi=Fal
                 num_splits=splits)
 
 
-def _ptxas_serialises_wgmma(ptx):
-    """ptxas warning C7515: wgmma serialised because other instructions write its accumulator
-    registers inside a pipeline stage (register pressure); it cost 10-15% on the H200."""
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
+def ptxas_facts(ptx: str) -> dict:
+    """ptxas -v on the PTX for sm_90a: return code, registers, spill bytes, and warning C7515
+    (wgmma serialised because other instructions write its accumulator registers inside a
+    pipeline stage: register pressure; it cost 10-15% on the H200)."""
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
-    return "C7515" in proc.stderr
+    log = proc.stdout + proc.stderr
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log) + re.findall(r"(\d+) bytes spill loads", log)
+    return {"ptxas_rc": proc.returncode, "ptxas_regs": int(regs[0]) if regs else None,
+            "spill_bytes": sum(int(x) for x in spills) if spills else None, "c7515": "C7515" in log,
+            "ptxas_log": log[-1500:] if proc.returncode else ""}
 
 
 def main():
@@ -139,7 +145,7 @@ def main():
             for name, kern in _compiled:
                 row = {"case": label, "kernel": name, "shared": kern.metadata.shared, "wgmma": "wgmma.mma_async" in kern.asm["ptx"]}
                 if check_serial:
-                    row["serialised"] = _ptxas_serialises_wgmma(kern.asm["ptx"])
+                    row["serialised"] = ptxas_facts(kern.asm["ptx"])["c7515"]
                 print(json.dumps(row), flush=True)
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
             print(json.dumps({"case": label, "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)

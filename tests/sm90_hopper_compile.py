@@ -9,32 +9,12 @@ registers, spill bytes, C7515 (wgmma serialised), async wgmma and TMA copies in 
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
-from triton.backends.nvidia.compiler import get_ptxas
 
 import sm90_compile  # installs the stand-in driver and the compile-only launch
 from tritonflash.kernels import hopper
-
-
-def ptxas_facts(ptx: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    regs = re.findall(r"Used (\d+) registers", log)
-    spills = re.findall(r"(\d+) bytes spill stores", log) + re.findall(r"(\d+) bytes spill loads", log)
-    return {"ptxas_rc": proc.returncode, "ptxas_regs": int(regs[0]) if regs else None,
-            "spill_bytes": sum(int(x) for x in spills) if spills else None, "c7515": "C7515" in log,
-            "ptxas_log": log[-1500:] if proc.returncode else ""}
 
 
 def run_case(d, causal, alibi, gqa=1, dtype="bfloat16", seqlen_q=200, seqlen_k=300):
@@ -49,7 +29,7 @@ def run_case(d, causal, alibi, gqa=1, dtype="bfloat16", seqlen_q=200, seqlen_k=3
     (name, kernel), = sm90_compile._compiled
     ptx = kernel.asm["ptx"]
     return {"kernel": name, "shared": kernel.metadata.shared, "wgmma_async": "wgmma.mma_async" in ptx,
-            "tma_copies": ptx.count("cp.async.bulk.tensor"), "tma_4d": "cp.async.bulk.tensor.4d" in ptx, **ptxas_facts(ptx)}
+            "tma_copies": ptx.count("cp.async.bulk.tensor"), "tma_4d": "cp.async.bulk.tensor.4d" in ptx, **sm90_compile.ptxas_facts(ptx)}
 
 
 def main():
