@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import tritonflash.api  # noqa: E402
 from conftest import DEVICE, ON_GPU  # noqa: E402
-from test_hf import LP, _check, _spy  # noqa: E402
+from test_hf import LP, _check, _forward_backward, _spy  # noqa: E402
 from tritonflash.integrations import transformers as tfhf  # noqa: E402
 
 PARAMS = inspect.signature(tritonflash.api.flash_attn_func).parameters
@@ -67,20 +67,11 @@ def _inputs():
     return ids, mask.to(DEVICE)
 
 
-def _run(model, ids, mask):
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    return out.logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _against_eager(family):
     ids, mask = _inputs()
-    ref = _run(_build(family, "eager", torch.float32), ids, mask)
-    base = _run(_build(family, "eager", LP), ids, mask)
-    got = _run(_build(family, "tritonflash", LP), ids, mask)
+    ref = _forward_backward(_build(family, "eager", torch.float32), family, ids, mask)
+    base = _forward_backward(_build(family, "eager", LP), family, ids, mask)
+    got = _forward_backward(_build(family, "tritonflash", LP), family, ids, mask)
     keep = mask.bool()
     _check("logits", got[0][keep], ref[0][keep], base[0][keep], 2)
     assert got[1].keys() == ref[1].keys()
@@ -134,3 +125,21 @@ def test_boolean_custom_mask_goes_as_attn_mask(monkeypatch):
         got = _build("llama", "tritonflash", LP)(input_ids=ids, attention_mask=allowed).logits
     assert all(c[1].get("attn_mask") is not None and c[0][3] is None for c in calls)
     _check("prefix-LM logits", got, ref, base, 2)
+
+
+def test_sliding_window_without_a_mask_is_applied():
+    """attention_mask=None with sliding_window (a direct call, a paged cache): the window reaches
+    the kernel on the general path too, not only when decoding."""
+    from tritonflash import attention_ref
+
+    torch.manual_seed(0)
+    b, h, s, d, w = 2, 2, 24, 16, 5
+    q, k, v = (torch.randn(b, h, s, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    module = type("Attn", (), {"is_causal": True})()
+    with torch.no_grad():
+        out, _ = tfhf.attention_forward(module, q, k, v, None, scaling=d**-0.5, sliding_window=w)
+        want = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, d**-0.5,
+                             window_size=(w - 1, 0), upcast=True)
+        full = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, d**-0.5, upcast=True)
+    assert (out.float() - want.float()).abs().max() < 2e-2
+    assert (out.float() - full.float()).abs().max() > 0.1  # the window changes the answer here

@@ -57,6 +57,14 @@ def _slopes(nheads, batch=None):
     return slopes * torch.linspace(0.5, 2.0, batch, device=DEVICE)[:, None]
 
 
+def _check_forward(hopper_calls, q, k, v, calls=1, grads=False, **kwargs):
+    """flash_attn_func(q, k, v, **kwargs) with the lse against the reference (docs/testing.md's
+    rule), and the gradients when ``grads``; the Hopper path must have been taken ``calls`` times."""
+    out, lse = flash_attn_func(q, k, v, return_lse=True, **kwargs)
+    assert len(hopper_calls) == calls, f"Hopper path taken {len(hopper_calls)} times, expected {calls}"
+    check_against_reference(out, q, k, v, torch.randn_like(out) if grads else None, lse=lse, check_grads=grads, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU smoke tier, first in the file: the shapes most likely to hang the barriers show it early
 # (run under `timeout`, docs/architecture.md)
@@ -72,10 +80,7 @@ def test_smoke_short_and_partial_query_blocks(hopper_calls, seqlen_q, seqlen_k, 
     """seqlen_q % 128 in [1, 64] (or <= 64): warpgroup 1 has no real row, its Q half is not
     loaded and q_bar expects one half's bytes; a wrong count hangs here."""
     q, k, v = make_qkv(1, seqlen_q, seqlen_k, 2, 64, torch.bfloat16, DEVICE, requires_grad=False)
-    out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
-    torch.cuda.synchronize()
-    assert len(hopper_calls) == 1, f"Hopper path taken {len(hopper_calls)} times, expected 1"
-    check_against_reference(out, q, k, v, None, causal=causal, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,10 +255,8 @@ HEADS = [(4, 4), (4, 1), (6, 2)]  # (nheads, nheads_k): MHA, MQA, GQA
 def test_forward_matches_reference(hopper_calls, dtype, seqlen_q, seqlen_k, head_dim, causal, nheads, nheads_k, alibi):
     q, k, v = make_qkv(2, seqlen_q, seqlen_k, nheads, head_dim, dtype, DEVICE, nheads_k=nheads_k, requires_grad=False)
     slopes = _slopes(nheads) if alibi else None
-    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
     takes = not (causal and seqlen_q > seqlen_k)
-    assert len(hopper_calls) == int(takes), f"Hopper path taken {len(hopper_calls)} times, expected {int(takes)}"
-    check_against_reference(out, q, k, v, None, causal=causal, alibi_slopes=slopes, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, calls=int(takes), causal=causal, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
@@ -267,9 +270,7 @@ def test_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, ca
     must match the reference's."""
     q, k, v = make_qkv(2, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
     slopes = _slopes(6) if alibi else None
-    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, torch.randn_like(out), causal=causal, alibi_slopes=slopes, lse=lse)
+    _check_forward(hopper_calls, q, k, v, grads=True, causal=causal, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
@@ -279,9 +280,7 @@ def test_fp16_and_bhsd_layout(hopper_calls, causal):
     """fp16, and q/k/v as (b, h, s, d) tensors transposed to (b, s, h, d): the 4-D descriptors
     take their strides as they are."""
     q, k, v = (torch.randn(2, 4, s, 128, dtype=torch.float16, device=DEVICE).transpose(1, 2) for s in (1000, 1100, 1100))
-    out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, None, causal=causal, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal)
 
 
 @pytest.mark.gpu
@@ -314,9 +313,7 @@ def test_causal_schedule_with_several_l2_sections(hopper_calls):
     assert b is not None, f"no batch up to 63 gives a short last section of {per_section} pairs"
     assert -(-b * h // per_section) > 1
     q, k, v = make_qkv(b, s, s, h, d, torch.bfloat16, DEVICE, requires_grad=False)
-    out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, None, causal=True, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=True)
 
 
 @pytest.mark.gpu
@@ -327,10 +324,7 @@ def test_softmax_scale_with_alibi(hopper_calls, scale, causal):
     """The kernel adds ALiBi in q.k units (slope / scale): a scale other than d^-0.5 moves it."""
     q, k, v = make_qkv(2, 1000, 1100, 4, 64, torch.bfloat16, DEVICE, requires_grad=False)
     slopes = _slopes(4)
-    out, lse = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, alibi_slopes=slopes, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, None, causal=causal, softmax_scale=scale, alibi_slopes=slopes, lse=lse,
-                            check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal, softmax_scale=scale, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
@@ -340,9 +334,7 @@ def test_alibi_slopes_per_batch(hopper_calls, causal):
     """(batch, nheads) slopes: the kernel reads slope (b, h) through the batch stride."""
     q, k, v = make_qkv(3, 1000, 1000, 6, 128, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
     slopes = _slopes(6, batch=3)
-    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, None, causal=causal, alibi_slopes=slopes, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
@@ -352,9 +344,7 @@ def test_alibi_slopes_per_batch(hopper_calls, causal):
 def test_fp16_with_alibi_and_gqa(hopper_calls, head_dim, causal):
     q, k, v = make_qkv(2, 1000, 1100, 6, head_dim, torch.float16, DEVICE, nheads_k=2, requires_grad=False)
     slopes = _slopes(6)
-    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_lse=True)
-    assert len(hopper_calls) == 1
-    check_against_reference(out, q, k, v, None, causal=causal, alibi_slopes=slopes, lse=lse, check_grads=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
