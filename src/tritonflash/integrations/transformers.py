@@ -389,8 +389,9 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
                         sk = length
             elif window is not None and int(mask.q_offset) - int(mask.kv_offset) != sk - sq:
                 dense = _materialise(mask, b, q.device)
-        if dense is None and window is not None:
-            opts["window_size"] = window
+    if dense is None and window is not None:
+        # A TritonflashMask's window, or sliding_window with no mask (a direct call, a paged cache).
+        opts["window_size"] = window
     if dense is not None:
         if alibi_slopes is not None:
             raise NotImplementedError("attention_mask: an arbitrary mask together with ALiBi is not supported")
