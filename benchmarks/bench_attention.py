@@ -70,6 +70,7 @@ DEFAULT_METHODS = ["tritonflash", *PEERS]
 SMOKE_METHODS = ["tritonflash", "sdpa_math"]
 MEM_PASS = "fwdbwd_mem"
 PEERS_DIR_ENV = "TRITONFLASH_PEERS_DIR"
+HOPPER_ENV = "TRITONFLASH_HOPPER_FWD"  # kernels/forward.py's switch for the Hopper forward
 FA4_DIST = "flash-attn-4"
 FLEX_FLASH_OPTIONS = {"BACKEND": "FLASH"}  # Flex on FA4's CuTe-DSL kernels (torch >= 2.10)
 UNBOUNDED = (-1, -1)  # window_size: no window
@@ -344,6 +345,27 @@ def build_tritonflash(case: Case, x: Inputs) -> Runner:
         return tritonflash.flash_attn_func(x.q, x.k, x.v, bias, case.causal, alibi_slopes=x.slopes, **features)
 
     return Runner(fn, ref_bias=bias, ref_slopes=x.slopes)
+
+
+@contextlib.contextmanager
+def _tl_kernels_only():
+    """The Hopper forward (kernels/hopper.py) off: attn_fwd reads TRITONFLASH_HOPPER_FWD per call."""
+    old = os.environ.get(HOPPER_ENV)
+    os.environ[HOPPER_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[HOPPER_ENV]
+        else:
+            os.environ[HOPPER_ENV] = old
+
+
+def build_tritonflash_tl(case: Case, x: Inputs) -> Runner:
+    """tritonflash with the ``tl`` kernels only (no Hopper forward): the lever's baseline."""
+    runner = build_tritonflash(case, x)
+    runner.context = _tl_kernels_only
+    return runner
 
 
 def baseline_builder(method: str) -> Callable[[Case, Inputs], Runner]:
@@ -693,6 +715,7 @@ def build_flex_flash(case: Case, x: Inputs) -> Runner:
 
 BUILDERS: dict[str, Callable[[Case, Inputs], Runner]] = {
     "tritonflash": build_tritonflash,
+    "tritonflash_tl": build_tritonflash_tl,
     "sdpa_flash": sdpa_builder("FLASH_ATTENTION"),
     "sdpa_cudnn": sdpa_builder("CUDNN_ATTENTION"),
     "sdpa_efficient": sdpa_builder("EFFICIENT_ATTENTION"),
