@@ -34,10 +34,8 @@ ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
 
 
-@pytest.fixture
-def hopper_calls(monkeypatch):
-    """Turns the Hopper path on and records each call that reached it."""
-    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
+def _spy(monkeypatch):
+    """Records the shape of q of each call that reached the Hopper kernel."""
     calls = []
     real = hopper.hopper_fwd
 
@@ -47,6 +45,20 @@ def hopper_calls(monkeypatch):
 
     monkeypatch.setattr(hopper, "hopper_fwd", spy)
     return calls
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """Turns the Hopper path on for every head dim it covers and records each call that reached it."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
+    return _spy(monkeypatch)
+
+
+@pytest.fixture
+def default_calls(monkeypatch):
+    """The default dispatch (TRITONFLASH_HOPPER_FWD unset), recording each call that reached the Hopper path."""
+    monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
+    return _spy(monkeypatch)
 
 
 def _slopes(nheads, batch=None):
@@ -178,12 +190,62 @@ def test_descriptor_strides_of_single_element_dims():
     assert desc.block_shape == [1, hopper.HALF_M, 1, 128]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim, rows", [(64, hopper.HALF_M), (128, hopper.BLOCK_N)])
+def test_descriptor_equals_the_checked_constructor(dtype, head_dim, rows):
+    """``_descriptor`` skips TensorDescriptor's constructor (host time): it must give the object
+    the constructor gives, field by field, and the class must have no field it does not set
+    (a Triton upgrade that adds one fails here, not on the GPU)."""
+    import dataclasses
+
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    assert {f.name for f in dataclasses.fields(TensorDescriptor)} == {"base", "shape", "strides", "block_shape", "layout", "padding"}
+    q = torch.empty(2, 300, 4, head_dim, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strides (.., 1, sk*d, 1)
+    fast = hopper._descriptor(q, rows)
+    layout = hopper.gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], hopper.GL_DTYPES[dtype])
+    checked = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, rows, 1, head_dim], layout)
+    assert fast.base is checked.base
+    for name in ("shape", "strides", "block_shape", "layout", "padding"):
+        assert getattr(fast, name) == getattr(checked, name), name
+    assert type(fast) is TensorDescriptor
+
+
 def test_dispatch_is_off_under_the_interpreter(monkeypatch):
-    """The Gluon kernel cannot run in the interpreter: the opt-in is ignored there."""
-    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
-    assert forward._hopper_module() is (None if forward.INTERPRET else hopper)
+    """The Gluon kernel cannot run in the interpreter: the Hopper path is off there whatever
+    TRITONFLASH_HOPPER_FWD says."""
+    for mode in ("1", "auto", None):
+        if mode is None:
+            monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
+        else:
+            monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+        assert forward._hopper_module(128) is (None if forward.INTERPRET else hopper)
     monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
-    assert forward._hopper_module() is None
+    assert forward._hopper_module(128) is None
+
+
+@pytest.mark.parametrize("mode, head_dim, expected", [
+    (None, 128, True), (None, 64, False), ("auto", 128, True), ("auto", 64, False),
+    ("1", 64, True), ("1", 128, True), ("0", 128, False),
+])
+def test_dispatch_by_mode_and_head_dim(monkeypatch, mode, head_dim, expected):
+    """Unset or auto: the default head dims (DEFAULT_HEAD_DIMS, 128); 1: every head dim it
+    covers; 0: never (hopper_supports decides the rest). The interpreter's switch is turned off
+    here so that the CPU tier checks the choice too."""
+    monkeypatch.setattr(forward, "INTERPRET", False)
+    if mode is None:
+        monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
+    else:
+        monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+    assert (forward._hopper_module(head_dim) is hopper) is expected
+
+
+@pytest.mark.parametrize("mode", ["yes", "true", "2", ""])
+def test_dispatch_refuses_an_unknown_mode(monkeypatch, mode):
+    """A misspelt switch is an error naming the variable and the values, not a silent default."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+    with pytest.raises(ValueError, match="TRITONFLASH_HOPPER_FWD must be 0, 1 or auto"):
+        forward._hopper_module(128)
 
 
 def test_import_does_not_load_the_gluon_module():
@@ -349,10 +411,24 @@ def test_fp16_with_alibi_and_gqa(hopper_calls, head_dim, causal):
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("mode", [None, "0"], ids=["default", "off"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_dispatch(default_calls, monkeypatch, mode, head_dim):
+    """Unset: head dim 128 takes the Hopper kernel, 64 the tl kernel; TRITONFLASH_HOPPER_FWD=0:
+    the tl kernel for both. Each against the reference, with the gradients."""
+    if mode is not None:
+        monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+    q, k, v = make_qkv(2, 1000, 1100, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
+    takes = mode is None and head_dim in hopper.DEFAULT_HEAD_DIMS
+    _check_forward(default_calls, q, k, v, calls=int(takes), grads=True, causal=True, alibi_slopes=_slopes(6))
+
+
+@pytest.mark.gpu
+@sm90
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="known deviation (hopper.py docstring, docs/semantics.md 'Invisible keys'): under causal, "
                           "inf in V at a key a row cannot see but a later row of the same 128-key block can reaches "
-                          "that row as 0 * inf = NaN in the PV wgmma; decide before the Hopper path becomes the default")
+                          "that row as 0 * inf = NaN in the PV wgmma (the tl kernel zeroes them)")
 def test_causal_invisible_nonfinite_v_in_shared_block(hopper_calls):
     """Contract: a key a row cannot see never affects it, whatever V holds. Key 100 is visible
     to rows 100.. of the first 128-row tile, invisible to rows 0..99 of the same tile."""

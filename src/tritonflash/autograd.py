@@ -29,12 +29,13 @@ it runs at trace time on fake tensors (shapes, dtypes, devices) and skips what r
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import NamedTuple
 
 import torch
 
-from .checks import Inputs, draw_dropout_seed, prepare, prepare_varlen, reference_kwargs, unpack_kv, unpack_qkv
+from .checks import Inputs, draw_dropout_seed, needs_dispatch, prepare, prepare_varlen, reference_kwargs, unpack_kv, unpack_qkv
 from .kernels import Varlen, attn_bwd, attn_fwd
 from .kernels.common import Features
 from .kernels.configs import INTERPRET
@@ -140,6 +141,11 @@ N_OPTIONS = 6
 BIAS, SINKS = 0, 3  # their places in OPTIONS
 
 
+# The Python implementations of the padded layouts' ops by op name ("fwd", "bwd_kvpacked",
+# ...), registered by ops.py: eager calls run them directly (Layout.forward/backward).
+OP_IMPLS: dict[str, object] = {}
+
+
 class Layout(NamedTuple):
     """A padded-batch layout: its primal tensors and the ops that compute it."""
 
@@ -154,6 +160,22 @@ class Layout(NamedTuple):
     @property
     def bwd(self):
         return getattr(torch.ops.tritonflash, "bwd" + self.name)
+
+    def forward(self, *args):
+        """The forward op on ``args``; in eager mode its implementation without the dispatcher
+        (checks.needs_dispatch: same computation, tens of microseconds less a call)."""
+        return _run("fwd" + self.name, args)
+
+    def backward(self, *args):
+        """The backward op on ``args``, as ``forward``."""
+        return _run("bwd" + self.name, args)
+
+
+def _run(op_name, args):
+    impl = OP_IMPLS.get(op_name)
+    if impl is None or needs_dispatch(args):
+        return getattr(torch.ops.tritonflash, op_name)(*args)
+    return impl(*args)
 
 
 SEPARATE = Layout("", 3, lambda q, k, v: (q, k, v))
@@ -215,7 +237,7 @@ def padded_backward(layout: Layout):
 
             *grads, dbias, dsinks = _grads_with_graph(ref, (*primals, bias, sinks), (*needs[:n], need_bias, need_sinks), dout)
         else:
-            *grads, dbias, dsinks = layout.bwd(dout, *primals, out, lse, *options, *ctx.scalars, need_bias, need_sinks)
+            *grads, dbias, dsinks = layout.backward(dout, *primals, out, lse, *options, *ctx.scalars, need_bias, need_sinks)
             grads = [g if need else None for g, need in zip(grads, needs[:n])]
             dbias = dbias if need_bias else None
             dsinks = dsinks if need_sinks else None
@@ -256,12 +278,23 @@ def varlen_backward(ctx, dout, _dlse):
 # ---- the Functions: the ops' autograd, new-style for torch.func ----------------------------------
 
 
+def _with_signature(fn):
+    """``fn`` with its signature computed once: ``Function.apply`` binds the arguments to
+    ``forward``'s signature on every call, and ``inspect.signature`` returns a ``__signature__``
+    as it is instead of rebuilding it (~20-40 us a call on the host)."""
+    fn.__signature__ = inspect.signature(fn)
+    return fn
+
+
 def _function(name, layout):
     """A new-style Function with a layout's forward op as forward and the shared formulas.
     The ops' own autograd (register_autograd) is not enough: torch.func transforms need
     new-style Functions, and vmap gets our own error."""
+    def forward(*args):
+        return layout.forward(*args)
+
     return type(name, (torch.autograd.Function,), dict(
-        forward=staticmethod(lambda *args: layout.fwd(*args)),
+        forward=staticmethod(_with_signature(forward)),
         setup_context=staticmethod(padded_setup_context(layout)),
         backward=staticmethod(padded_backward(layout)),
         vmap=_no_vmap(f"Flash{name[7:]}Func"),
@@ -280,6 +313,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
     ``max_seqlen_q/k`` size the launch."""
 
     @staticmethod
+    @_with_signature
     def forward(*args):
         return torch.ops.tritonflash.fwd_varlen(*args)
 
@@ -335,7 +369,7 @@ class FlashAttnFunc:
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
                       attn_mask=attn_mask)
-        out, lse = _apply(_FlashAttn, SEPARATE.fwd, _distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttn, SEPARATE.forward, _distinct(q, k, v, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -354,7 +388,7 @@ class FlashAttnQKVPackedFunc:
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
                       attn_mask=attn_mask)
-        out, lse = _apply(_FlashAttnQKVPacked, QKVPACKED.fwd, _distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttnQKVPacked, QKVPACKED.forward, _distinct(qkv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 
@@ -373,7 +407,7 @@ class FlashAttnKVPackedFunc:
         inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask,
                       window_size=window_size, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=seed,
                       attn_mask=attn_mask)
-        out, lse = _apply(_FlashAttnKVPacked, KVPACKED.fwd, _distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
+        out, lse = _apply(_FlashAttnKVPacked, KVPACKED.forward, _distinct(q, kv, *op_arguments(inp, bias, alibi_slopes, key_padding_mask)))
         return (out, lse) if return_lse else out
 
 

@@ -26,6 +26,7 @@ from .checks import (
     check_tensor,
     check_window,
     host_sync_allowed,
+    needs_dispatch,
     normalise,
     type_name,
 )
@@ -257,11 +258,8 @@ def flash_attn_with_kvcache(
         seqlens_k = p["seqlens"] + p["s_new"] if p["s_new"] else p["seqlens"]
         max_keys = -1 if p["host_lengths"] is None else max(p["host_lengths"]) + p["s_new"]
         # Eager calls skip the custom op's dispatch (tens of microseconds a step, the same
-        # function underneath); traced calls (torch.compile, export, make_fx: a dispatch mode or
-        # a tensor subclass in any argument) go through the opaque op and its fake registration.
-        traced = (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                  or any(isinstance(x, torch.Tensor) and type(x) is not torch.Tensor for x in tensors))
-        fwd = ops.fwd_kvcache if traced else _forward
+        # function underneath); traced calls go through the opaque op and its fake registration.
+        fwd = ops.fwd_kvcache if needs_dispatch(tensors) else _forward
         out, lse = fwd(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, bias, alibi_slopes, sinks, causal,
                        p["scale"], p["window"][0], p["window"][1], p["softcap"], num_splits, max_keys)
     return (out, lse) if return_lse else out

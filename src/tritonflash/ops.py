@@ -33,6 +33,7 @@ import torch
 from . import lowlevel
 from .autograd import (
     KVPACKED,
+    OP_IMPLS,
     QKVPACKED,
     SEPARATE,
     _no_vmap,
@@ -106,6 +107,7 @@ def _register_padded(layout):
                f"bool sinks_grad) -> ({grads_schema}, Tensor, Tensor)",
     )
     bwd.register_fake(bwd_fake)
+    OP_IMPLS["fwd" + layout.name], OP_IMPLS["bwd" + layout.name] = fwd_impl, bwd_impl
     fwd.register_autograd(padded_backward(layout), setup_context=padded_setup_context(layout))
     # The public functions call the op directly when nothing needs a gradient (a vmap too):
     # the message names the Function that users know.

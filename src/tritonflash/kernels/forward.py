@@ -139,15 +139,25 @@ def _attn_fwd(
 _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 
 
-def _hopper_module():
-    """kernels/hopper.py when ``TRITONFLASH_HOPPER_FWD=1`` asks for it (opt-in until verified on
-    an H100/H200), never under the interpreter; None where Gluon cannot be imported. Imported
-    on first use, so that ``import tritonflash`` does not need Gluon."""
-    if INTERPRET or os.environ.get("TRITONFLASH_HOPPER_FWD", "0") != "1":
+HOPPER_ENV = "TRITONFLASH_HOPPER_FWD"
+
+
+def _hopper_module(head_dim: int | None = None):
+    """kernels/hopper.py if it may take a call of this head dim, else None. ``TRITONFLASH_HOPPER_FWD``
+    (read per call): unset or ``auto``, the default: head dims in ``hopper.DEFAULT_HEAD_DIMS``
+    (where it measured faster than the tl kernel, docs/perf-notes.md); ``1``: every head dim it
+    covers; ``0``: never. Never under the interpreter, None where Gluon cannot be imported.
+    Imported on first use, so that ``import tritonflash`` does not need Gluon."""
+    mode = os.environ.get(HOPPER_ENV, "auto")
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"{HOPPER_ENV} must be 0, 1 or auto (or unset), got {mode!r}")
+    if INTERPRET or mode == "0":
         return None
     try:
         from . import hopper
     except ImportError:
+        return None
+    if mode == "auto" and head_dim is not None and head_dim not in hopper.DEFAULT_HEAD_DIMS:
         return None
     return hopper
 
@@ -160,9 +170,9 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
     ``features`` a ``common.Features`` (window, softcap, sinks, dropout, boolean mask).
     Returns (out, lse); lse is (b, h, sq), or (h, total_q) for varlen.
 
-    On sm_90 with ``TRITONFLASH_HOPPER_FWD=1``, the calls ``hopper.hopper_supports`` accepts run
-    the Gluon kernel of kernels/hopper.py instead (same contract)."""
-    hopper = _hopper_module()
+    On sm_90 the calls that ``hopper.hopper_supports`` accepts, of a head dim ``_hopper_module``
+    lets through, run the Gluon kernel of kernels/hopper.py instead (same contract)."""
+    hopper = _hopper_module(q.shape[-1])
     if hopper is not None and hopper.hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
                                                      varlen, features):
         return hopper.hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=out)

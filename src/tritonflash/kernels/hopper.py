@@ -1,8 +1,9 @@
 """Hopper (sm_90) forward in Gluon with FlashAttention-3's structure (issue 15).
 
-Opt-in until it is verified on a GPU: ``attn_fwd`` (forward.py) calls ``hopper_fwd`` only when
-``TRITONFLASH_HOPPER_FWD=1`` is set and ``hopper_supports`` accepts the call; everything else
-runs the ``tl`` kernel. Grown from the measured spike benchmarks/experiments/gluon_fwd.py
+``attn_fwd`` (forward.py) calls ``hopper_fwd`` when ``hopper_supports`` accepts the call and the
+head dim is in DEFAULT_HEAD_DIMS (``TRITONFLASH_HOPPER_FWD`` unset or ``auto``), or any head dim of
+HEAD_DIMS with ``TRITONFLASH_HOPPER_FWD=1``; ``TRITONFLASH_HOPPER_FWD=0`` turns it off. Everything
+else runs the ``tl`` kernel. First verified on an H200 at be67e6f (tests/test_hopper_fwd.py). Grown from the measured spike benchmarks/experiments/gluon_fwd.py
 (variant s3_pingpong: a 3-stage ring, the best there at head dim 128 and equal to 4 stages at 64).
 
 Structure (one CTA per 128 query rows of one (batch, head)):
@@ -41,11 +42,11 @@ running max is taken on unscaled scores) and at least MIN_SOFTMAX_SCALE = 2^-32 
 TMA-compatible strides. Not covered: bias, key padding, varlen, window, softcap, sinks, dropout,
 attn_mask.
 
-Known difference from docs/semantics.md ("Invisible keys"), to settle before this becomes the
-default: under causal, a non-finite V in a key that a row cannot see but a later row of the same
-128-key block can see reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in
-its masked blocks). Keys past seqlen_k are safe (TMA zero-fills them). docs/semantics.md states
-this deviation under "Invisible keys"; tests/test_hopper_fwd.py carries it as a strict xfail.
+Known difference from docs/semantics.md ("Invisible keys"), documented there: under causal, a
+non-finite V in a key that a row cannot see but a later row of the same 128-key block can see
+reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in its masked blocks).
+Keys past seqlen_k are safe (TMA zero-fills them). tests/test_hopper_fwd.py carries it as a
+strict xfail.
 
 ALiBi in q.k units: the kernel subtracts slope / softmax_scale * |i + sk - sq - j| from q.k before
 scaling (one multiply-add per score). That quotient overflows fp32 only for slope / scale above
@@ -83,6 +84,10 @@ BLOCK_N = 128  # keys per K/V tile; at d64 too (the spike: same softmax work per
 # memory (limit 232,448); at d64 the spike measured 4 stages equal to 3.
 STAGES = gl.constexpr(3)
 HEAD_DIMS = (64, 128)
+# Taken by default (TRITONFLASH_HOPPER_FWD unset, kernels/forward.py); the others of HEAD_DIMS
+# with TRITONFLASH_HOPPER_FWD=1. At d64 it measured no faster than the tl kernel on an H200
+# (0.89x its speed at 1k causal, 0.93-1.01x at 4k; docs/perf-notes.md).
+DEFAULT_HEAD_DIMS = (128,)
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 PRODUCER_WARPS = 1
 PRODUCER_REGS = 24
@@ -446,18 +451,32 @@ def _heads_per_l2_section(k, nheads) -> int:
     return max(1, (l2 // 2) // kv_head_bytes) * (nheads // k.shape[2])
 
 
+@functools.cache
+def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The shared layout of a (1, rows, 1, head dim) box: that of the kernel's 2-D tile buffers
+    (same swizzle). Asked once per shape (get_default_for costs ~8 us a call on the host)."""
+    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], GL_DTYPES[dtype])
+
+
 def _descriptor(t, rows):
     """A 4-D descriptor over t (batch, seqlen, heads, head dim) with one (batch, head) box of
-    ``rows`` rows; the layout is that of the kernel's 2-D tile buffers (same swizzle). A dim of
-    one element gets the stride it would have if t were contiguous from there in: torch gives
-    such dims any stride (0 from an expand, 1 from a slice), which TMA could refuse."""
+    ``rows`` rows. A dim of one element gets the stride it would have if t were contiguous from
+    there in: torch gives such dims any stride (0 from an expand, 1 from a slice), which TMA
+    could refuse.
+
+    Built without TensorDescriptor's constructor: its checks (rank, alignment, strides, block
+    shape) are those ``hopper_supports`` made already (_tma_ok, HEAD_DIMS, the fixed boxes), and
+    they cost ~10 us a descriptor, four a call, on the host of a launch that is host-bound below
+    ~0.3 ms of GPU time (benchmarks/experiments/hopper_host.py)."""
     strides = list(t.stride())
     for i in range(2, -1, -1):
         if t.shape[i] == 1:
             strides[i] = strides[i + 1] * t.shape[i + 1]
     d = t.shape[3]
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], GL_DTYPES[t.dtype])
-    return TensorDescriptor(t, list(t.shape), strides, [1, rows, 1, d], layout)
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = t, list(t.shape), strides
+    desc.block_shape, desc.layout, desc.padding = [1, rows, 1, d], _box_layout(rows, d, t.dtype), "zero"
+    return desc
 
 
 def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
