@@ -198,7 +198,7 @@ def _kv_step(j, WG: gl.constexpr, q, kv_smem, bars, acc, p, m_i, l_i, s_zero, ro
         mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     # S_j done; the PV wgmma issued after it may still run (wgmma groups complete in order).
     sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-    sc = _score_mod(sc, j * BN, row0, 0, alibi_c, MASK, True, ALIBI)
+    sc = _score_mod(sc, j * BN, row0, 0, alibi_c, MASK, True, ALIBI, False)
     # m_i is finite (block 0 gives every row a visible key), so a row that sees no key of block j
     # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
@@ -244,7 +244,7 @@ def _consumer(WG: gl.constexpr, q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k
     if PINGPONG:
         mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    sc = _score_mod(sc, 0, row0, 0, alibi_c, CAUSAL, True, ALIBI)
+    sc = _score_mod(sc, 0, row0, 0, alibi_c, CAUSAL, True, ALIBI, False)
     m_i = gl.max(sc, axis=1) * qk_scale
     pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(pf, axis=1)

@@ -152,22 +152,39 @@ def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAU
 
 
 @gluon.jit
-def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+               ALIBI_ROW_SHIFT: gl.constexpr):
     """The scores of one tile with ALiBi and the mask, still in q.k units (the softmax applies
     scale * log2(e)). sc: (HM, BN) fp32 for keys n0 .. n0 + BN - 1 and the query rows whose
     i + seqlen_k - seqlen_q starts at row0; alibi_c: the slope in q.k units. The mask is the
-    causal one under CAUSAL (for real rows it implies j < seqlen_k), else j < seqlen_k."""
+    causal one under CAUSAL (for real rows it implies j < seqlen_k), else j < seqlen_k.
+
+    ALIBI_ROW_SHIFT (causal only): every visible key has j <= i' (i' = i + seqlen_k - seqlen_q),
+    so the bias -c * (i' - j) is c * (j - row0) - c * (i' - row0): a column term and a row term.
+    The tile gets the column term only (one add per score instead of a subtract, an abs and a
+    multiply-add); the row term shifts each row's scores by a constant, which the softmax
+    ignores and the caller subtracts from lse (``_alibi_row_shift``). The values stay small where
+    they matter: a key far from the diagonal has a large negative column term, and a weight of
+    2^-(c * distance * scale * log2 e) next to the row's maximum."""
     HM: gl.constexpr = sc.shape[0]
     BN: gl.constexpr = sc.shape[1]
     layout: gl.constexpr = sc.type.layout
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)).to(gl.float32)
+    # (Constexpr branches without `not`: Gluon 3.6 turns `not CONSTEXPR` into a runtime i1.)
+    if ALIBI:
+        if ALIBI_ROW_SHIFT:
+            # (n0 - row0) exact in fp32 (|values| < 2^24); c * (j - row0) per column, then one add per score.
+            sc = sc + gl.expand_dims(alibi_c * (cols + (n0 - row0).to(gl.float32)), 0)
     if MASK or ALIBI:
         # Relative to the block (exact in fp32: |values| < 2^24): a per-row value minus the
         # column inside the tile, so the per-element work is a subtract, a multiply-add, a select.
         rows = (row0 - n0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))).to(gl.float32)
-        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)).to(gl.float32)
         rel = gl.expand_dims(rows, 1) - gl.expand_dims(cols, 0)  # (HM, BN): i + sk - sq - j
         if ALIBI:
-            sc = sc - alibi_c * gl.abs(rel)
+            if ALIBI_ROW_SHIFT:
+                pass  # added above
+            else:
+                sc = sc - alibi_c * gl.abs(rel)
         if MASK:
             if CAUSAL:
                 sc = gl.where(rel >= 0.0, sc, float("-inf"))
@@ -234,7 +251,7 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
     mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     # S_j done; the PV wgmma issued after it may still run (wgmma groups complete in order).
     sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-    sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI)
+    sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI, CAUSAL)
     # m_i is finite (every row sees key 0, in block 0), so a row that sees no key of block j
     # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
@@ -274,7 +291,7 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.arrive(turn_bar.index(1 - WG), count=1)
     sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI)
+    sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI, CAUSAL)
     m_i = gl.max(sc, axis=1) * qk_scale
     pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(pf, axis=1)
@@ -295,7 +312,13 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
     LN2: gl.constexpr = 0.6931471805599453
-    lse = (m_i + gl.log2(l_i)) * LN2
+    lse2 = m_i + gl.log2(l_i)
+    if CAUSAL and ALIBI:
+        # The row term that _score_mod left out (ALIBI_ROW_SHIFT): -c * (i' - row0) in q.k
+        # units, times qk_scale for log2 units.
+        r = gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout)).to(gl.float32)
+        lse2 = lse2 - (alibi_c * qk_scale) * r
+    lse = lse2 * LN2
     rows = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
     gl.store(lse_ptr + lse_off + rows, lse, mask=rows < seqlen_q)
     # Q of this warpgroup is no longer read: its buffer stages O for the TMA store, which drops
