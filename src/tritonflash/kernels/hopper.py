@@ -268,7 +268,7 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full,
-              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     HM: gl.constexpr = q_smem.shape[1]
     D: gl.constexpr = q_smem.shape[2]
     NS: gl.constexpr = k_smem.shape[0]
@@ -280,16 +280,6 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     q = q_smem.index(WG)
     first = m0 + WG * HM  # this warpgroup's first query row
     row0 = first + seqlen_k - seqlen_q  # i + seqlen_k - seqlen_q of that row
-    # The slope, read here and not before warp_specialize: its load latency overlaps the
-    # producer's first TMA loads instead of delaying them (every CTA paid it up front). In q.k
-    # units: the bias -slope * |i' - j| is added to q.k before the softmax multiplies by
-    # qk_scale = scale * log2(e). (Inside a partition the constexpr flags arrive as constant
-    # i1 values: both branches of an `if` are built, so they must agree in type, and
-    # alibi_src is a valid fp32 pointer either way.)
-    L2E: gl.constexpr = 1.4426950408889634
-    alibi_c = qk_scale * 0.0
-    if ALIBI:
-        alibi_c = gl.load(alibi_src) * (L2E / qk_scale)
     acc = gl.zeros([HM, D], gl.float32, o_layout)
     s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
@@ -341,16 +331,16 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
 
 @gluon.jit
 def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
-               seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
 
 
 @gluon.jit
 def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
-               seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section"])
@@ -376,9 +366,12 @@ def _hopper_attn_fwd(
     lse_off = bh.to(gl.int64) * seqlen_q
     n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL)
     if ALIBI:
-        alibi_src = alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]  # this (batch, head)'s slope
+        # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it
+        # to q.k, before the softmax multiplies by qk_scale = scale * log2(e).
+        L2E: gl.constexpr = 1.4426950408889634
+        alibi_c = gl.load(alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]) * (L2E / qk_scale)
     else:
-        alibi_src = lse_ptr  # never read without ALiBi (a pointer of the same type, see _consumer)
+        alibi_c = qk_scale * 0.0  # unused: _score_mod reads it only under ALIBI
 
     dtype: gl.constexpr = q_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
@@ -401,7 +394,7 @@ def _hopper_attn_fwd(
     fence_async_shared()
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-                     lse_off, seqlen_q, seqlen_k, alibi_src, qk_scale, CAUSAL, ALIBI)
+                     lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
     gl.warp_specialize([
         (_consumer0, consumer_args),
         (_consumer1, consumer_args),
