@@ -170,7 +170,10 @@ def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.c
     BN: gl.constexpr = sc.shape[1]
     layout: gl.constexpr = sc.type.layout
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)).to(gl.float32)
-    # (Constexpr branches without `not`: Gluon 3.6 turns `not CONSTEXPR` into a runtime i1.)
+    # Nested ifs, no `not`: inside a warp_specialize partition the constexpr flags arrive as
+    # constant i1 values (Triton 3.6), so `not FLAG` is a runtime value and every branch is
+    # built (and must type-check); the constant conditions are folded away afterwards (the
+    # causal ALiBi PTX has no abs.f32).
     if ALIBI:
         if ALIBI_ROW_SHIFT:
             # (n0 - row0) exact in fp32 (|values| < 2^24); c * (j - row0) per column, then one add per score.
