@@ -197,3 +197,15 @@ def test_traced_calls_go_through_the_op(monkeypatch):
     gm = make_fx(lambda q, k, v: flash_attn_func(q, k, v, causal=True))(q, k, v)
     assert calls == []
     assert any(n.target is torch.ops.tritonflash.fwd.default for n in gm.graph.nodes)
+
+
+def test_jit_trace_records_the_op(monkeypatch):
+    """torch.jit.trace can record the op, not the Triton launches inside its implementation:
+    a traced call goes through the op, and the traced function recomputes on new inputs."""
+    calls = _spy_impls(monkeypatch)
+    q, k, v = (_t(1, 6, 2, 16) for _ in range(3))
+    traced = torch.jit.trace(lambda q, k, v: flash_attn_func(q, k, v, causal=True), (q, k, v), check_trace=False)
+    assert calls == []
+    assert "tritonflash::fwd" in str(traced.graph)
+    q2 = _t(1, 6, 2, 16)
+    assert torch.equal(traced(q2, k, v), flash_attn_func(q2, k, v, causal=True))
