@@ -209,3 +209,24 @@ def test_jit_trace_records_the_op(monkeypatch):
     assert "tritonflash::fwd" in str(traced.graph)
     q2 = _t(1, 6, 2, 16)
     assert torch.equal(traced(q2, k, v), flash_attn_func(q2, k, v, causal=True))
+
+
+def test_varlen_eager_calls_skip_the_dispatcher(monkeypatch):
+    """flash_attn_varlen_func too: eager forward and backward run fwd_varlen/bwd_varlen's
+    implementations, with the op's results; make_fx still records tritonflash::fwd_varlen."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tritonflash import flash_attn_varlen_func
+
+    calls = _spy_impls(monkeypatch)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    q, k, v = (_t(8, 2, 16).requires_grad_(True) for _ in range(3))
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True)
+    out.sum().backward()
+    assert calls == ["fwd_varlen", "bwd_varlen"]
+    q2, k2, v2 = (x.detach() for x in (q, k, v))
+    through_op = torch.ops.tritonflash.fwd_varlen(q2, k2, v2, cu, cu, 5, 5, None, None, None, True, 16 ** -0.5, -1, -1, 0.0, 0.0)
+    assert torch.equal(through_op[0], out.detach())
+    gm = make_fx(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True))(q2, k2, v2)
+    assert calls == ["fwd_varlen", "bwd_varlen"]
+    assert any(n.target is torch.ops.tritonflash.fwd_varlen.default for n in gm.graph.nodes)

@@ -3,7 +3,8 @@
 Path of a call: the public function (api.py) -> a front here (``FlashAttnFunc.apply`` ...:
 validate with checks.py, draw the dropout seed) -> a new-style autograd.Function whose forward
 is a custom op (``torch.ops.tritonflash.fwd*``, ops.py; the op alone when no input needs a
-gradient or grad mode is off, see ``_apply``) -> the low-level functions' unchecked
+gradient or grad mode is off, see ``_apply``; in eager mode the op's Python implementation
+without the dispatcher, see ``_run``) -> the low-level functions' unchecked
 halves (lowlevel.py) -> ``_kernel_forward`` / ``_kernel_backward`` below -> kernels/.
 FlashAttnFunc, FlashAttnQKVPackedFunc and FlashAttnKVPackedFunc keep the original module's
 names and positional order (``FlashAttnFunc.apply(q, k, v, bias, causal, softmax_scale)``, then
@@ -141,8 +142,8 @@ N_OPTIONS = 6
 BIAS, SINKS = 0, 3  # their places in OPTIONS
 
 
-# The Python implementations of the padded layouts' ops by op name ("fwd", "bwd_kvpacked",
-# ...), registered by ops.py: eager calls run them directly (Layout.forward/backward).
+# The Python implementations of the ops by op name ("fwd", "bwd_kvpacked", "fwd_varlen", ...),
+# registered by ops.py: eager calls run them directly (Layout.forward/backward, _varlen_forward).
 OP_IMPLS: dict[str, object] = {}
 
 
@@ -169,6 +170,11 @@ class Layout(NamedTuple):
     def backward(self, *args):
         """The backward op on ``args``, as ``forward``."""
         return _run("bwd" + self.name, args)
+
+
+def _varlen_forward(*args):
+    """tritonflash::fwd_varlen on ``args``, without the dispatcher in eager mode (as Layout.forward)."""
+    return _run("fwd_varlen", args)
 
 
 def _run(op_name, args):
@@ -268,8 +274,8 @@ def varlen_backward(ctx, dout, _dlse):
 
         dq, dk, dv, dsinks = _grads_with_graph(ref, (q, k, v, sinks), (*needs[:3], need_sinks), dout)
     else:
-        dq, dk, dv, dsinks = torch.ops.tritonflash.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, slopes,
-                                                              sinks, seed, *ctx.scalars, need_sinks)
+        dq, dk, dv, dsinks = _run("bwd_varlen", (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, slopes, sinks, seed,
+                                                 *ctx.scalars, need_sinks))
         dq, dk, dv = (g if need else None for g, need in zip((dq, dk, dv), needs[:3]))
         dsinks = dsinks if need_sinks else None
     return dq, dk, dv, None, None, None, None, None, dsinks, None, None, None, None, None, None, None
@@ -315,7 +321,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
     @staticmethod
     @_with_signature
     def forward(*args):
-        return torch.ops.tritonflash.fwd_varlen(*args)
+        return _varlen_forward(*args)
 
     setup_context = staticmethod(varlen_setup_context)
     backward = staticmethod(varlen_backward)
@@ -430,7 +436,7 @@ class FlashAttnVarlenFunc:
                                                  window_size=window_size, softcap=softcap, sinks=sinks, dropout_seed=seed)
         f = inp.features
         args = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, f.sinks, f.seed)
-        out, lse = _apply(_FlashAttnVarlen, torch.ops.tritonflash.fwd_varlen,
+        out, lse = _apply(_FlashAttnVarlen, _varlen_forward,
                           (*args[:5], launch_q, launch_k, *args[5:], inp.causal, inp.softmax_scale, f.window[0], f.window[1],
                            f.softcap, f.dropout_p))
         return (out, lse) if return_lse else out

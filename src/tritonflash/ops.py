@@ -129,11 +129,13 @@ _VARLEN = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymIn
            "Tensor? sinks, Tensor? dropout_seed")
 
 
-@torch.library.custom_op("tritonflash::fwd_varlen", mutates_args=(),
-                         schema=f"(Tensor q, Tensor k, Tensor v, {_VARLEN}, {_SCALARS}) -> (Tensor, Tensor)")
-def fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks, dropout_seed, *scalars):
+def _fwd_varlen_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks, dropout_seed, *scalars):
     inp = _varlen_inputs(q, k, v, alibi_slopes, sinks, dropout_seed, scalars)
     return lowlevel.varlen_forward(inp, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+fwd_varlen = torch.library.custom_op("tritonflash::fwd_varlen", _fwd_varlen_impl, mutates_args=(),
+                                     schema=f"(Tensor q, Tensor k, Tensor v, {_VARLEN}, {_SCALARS}) -> (Tensor, Tensor)")
 
 
 @fwd_varlen.register_fake
@@ -141,17 +143,22 @@ def _(q, k, v, *args):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonflash::bwd_varlen", mutates_args=(),
-                         schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_VARLEN}, {_SCALARS}, "
-                                "bool sinks_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-def bwd_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks, dropout_seed,
-               *args):
+def _bwd_varlen_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks,
+                     dropout_seed, *args):
     scalars, sinks_grad = args[:6], args[6]
     inp = _varlen_inputs(q, k, v, alibi_slopes, sinks, dropout_seed, scalars)
     dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
     dsinks = lowlevel.varlen_backward(inp, dout, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       sinks_grad)
     return dq, dk, dv, _nothing(dout) if dsinks is None else dsinks
+
+
+bwd_varlen = torch.library.custom_op(
+    "tritonflash::bwd_varlen", _bwd_varlen_impl, mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_VARLEN}, {_SCALARS}, "
+           "bool sinks_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+OP_IMPLS["fwd_varlen"], OP_IMPLS["bwd_varlen"] = _fwd_varlen_impl, _bwd_varlen_impl
 
 
 @bwd_varlen.register_fake
