@@ -1,11 +1,13 @@
-"""The opt-in Gluon Hopper forward (kernels/hopper.py, issue 15).
+"""The Gluon Hopper forward (kernels/hopper.py, issue 15), the default for head dim 128 on sm_90.
 
-CPU tier: which calls ``hopper_supports`` takes (the device check injected), that the dispatch
-stays off under the interpreter and out of ``import tritonflash``, and that the kernel compiles
+CPU tier: which calls ``hopper_supports`` takes (the device check injected), the
+``TRITONFLASH_HOPPER_FWD`` modes, that the dispatch stays off under the interpreter and out of
+``import tritonflash``, the fast descriptor against the constructor, and that the kernel compiles
 for sm_90a (stand-in driver, one subprocess for every variant) within shared memory, without
-spills. GPU tier (sm_90 only): flash_attn_func with ``TRITONFLASH_HOPPER_FWD=1`` against the
-reference (docs/testing.md's rule), out, lse and the gradients of the ``tl`` backward that
-consumes this forward's lse, with a spy asserting that the Hopper kernel ran. The GPU smoke tests
+spills. GPU tier (sm_90 only): flash_attn_func with ``TRITONFLASH_HOPPER_FWD=1`` (every covered
+head dim) and with the default dispatch against the reference (docs/testing.md's rule), out, lse
+and the gradients of the ``tl`` backward that consumes this forward's lse, with a spy asserting
+whether the Hopper kernel ran. The GPU smoke tests
 come first (short and partial query blocks: a barrier hang shows early), and a strict xfail
 carries the known causal invisible-key deviation (docs/semantics.md).
 """
@@ -192,19 +194,28 @@ def test_descriptor_strides_of_single_element_dims():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim, rows", [(64, hopper.HALF_M), (128, hopper.BLOCK_N)])
-def test_descriptor_equals_the_checked_constructor(dtype, head_dim, rows):
+@pytest.mark.parametrize("shape", [(2, 300, 4), (1, 300, 1)], ids=["b2-h4", "b1-h1"])
+def test_descriptor_equals_the_checked_constructor(dtype, head_dim, rows, shape):
     """``_descriptor`` skips TensorDescriptor's constructor (host time): it must give the object
     the constructor gives, field by field, and the class must have no field it does not set
-    (a Triton upgrade that adds one fails here, not on the GPU)."""
+    (a Triton upgrade that adds one fails here, not on the GPU). With a batch and a head of one
+    element, the constructor is given the strides _descriptor rewrites for such dims."""
     import dataclasses
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     assert {f.name for f in dataclasses.fields(TensorDescriptor)} == {"base", "shape", "strides", "block_shape", "layout", "padding"}
-    q = torch.empty(2, 300, 4, head_dim, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strides (.., 1, sk*d, 1)
+    b, s, h = shape
+    # (b, h, s, d) memory seen as (b, s, h, d): strides (h*s*d, d, s*d, 1)
+    q = torch.empty(b, s, h, head_dim, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
     fast = hopper._descriptor(q, rows)
     layout = hopper.gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], hopper.GL_DTYPES[dtype])
-    checked = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, rows, 1, head_dim], layout)
+    strides = [h * s * head_dim, head_dim, s * head_dim, 1]
+    if h == 1:
+        strides[2] = head_dim  # a dim of one element: the contiguous stride (_descriptor)
+    if b == 1:
+        strides[0] = s * strides[1]
+    checked = TensorDescriptor(q, list(q.shape), strides, [1, rows, 1, head_dim], layout)
     assert fast.base is checked.base
     for name in ("shape", "strides", "block_shape", "layout", "padding"):
         assert getattr(fast, name) == getattr(checked, name), name
@@ -225,12 +236,12 @@ def test_dispatch_is_off_under_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("mode, head_dim, expected", [
-    (None, 128, True), (None, 64, False), ("auto", 128, True), ("auto", 64, False),
-    ("1", 64, True), ("1", 128, True), ("0", 128, False),
+    (None, 128, True), (None, 64, False), ("auto", 128, True), ("auto", 64, False), ("", 128, True), ("", 64, False),
+    ("AUTO", 64, False), ("1", 64, True), ("1", 128, True), (" 1 ", 64, True), ("0", 128, False),
 ])
 def test_dispatch_by_mode_and_head_dim(monkeypatch, mode, head_dim, expected):
-    """Unset or auto: the default head dims (DEFAULT_HEAD_DIMS, 128); 1: every head dim it
-    covers; 0: never (hopper_supports decides the rest). The interpreter's switch is turned off
+    """Unset, empty or auto: the default head dims (DEFAULT_HEAD_DIMS, 128); 1: every head dim it
+    covers; 0: never (hopper_supports decides the rest; case and spaces do not matter). The interpreter's switch is turned off
     here so that the CPU tier checks the choice too."""
     monkeypatch.setattr(forward, "INTERPRET", False)
     if mode is None:
@@ -240,7 +251,7 @@ def test_dispatch_by_mode_and_head_dim(monkeypatch, mode, head_dim, expected):
     assert (forward._hopper_module(head_dim) is hopper) is expected
 
 
-@pytest.mark.parametrize("mode", ["yes", "true", "2", ""])
+@pytest.mark.parametrize("mode", ["yes", "true", "2", "off"])
 def test_dispatch_refuses_an_unknown_mode(monkeypatch, mode):
     """A misspelt switch is an error naming the variable and the values, not a silent default."""
     monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)

@@ -230,3 +230,13 @@ def test_varlen_eager_calls_skip_the_dispatcher(monkeypatch):
     gm = make_fx(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True))(q2, k2, v2)
     assert calls == ["fwd_varlen", "bwd_varlen"]
     assert any(n.target is torch.ops.tritonflash.fwd_varlen.default for n in gm.graph.nodes)
+
+
+def test_profiled_calls_go_through_the_op(monkeypatch):
+    """Under the autograd profiler the op is called, so that traces show tritonflash::fwd."""
+    calls = _spy_impls(monkeypatch)
+    q, k, v = (_t(1, 6, 2, 16) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        flash_attn_func(q, k, v, causal=True)
+    assert calls == []
+    assert any(e.key == "tritonflash::fwd" for e in prof.key_averages())

@@ -135,12 +135,15 @@ def host_sync_allowed(x: torch.Tensor) -> bool:
 def needs_dispatch(args) -> bool:
     """Whether a call must go through its custom op (ops.py) rather than the op's Python
     implementation: while torch.compile, export or make_fx trace (a dispatch mode is active),
-    while torch.jit.trace records (the op is what it can record), inside a torch.func
-    transform, or with a tensor subclass other than Parameter, or a meta tensor, among ``args``.
-    The op and its implementation compute the same; the op adds the dispatcher's tens of
-    microseconds a call, which eager calls skip."""
+    while torch.jit.trace records (the op is what it can record), while the autograd profiler
+    runs (its traces show the op), inside a torch.func transform, or with a tensor subclass
+    other than Parameter, or a meta tensor, among ``args``. The op and its implementation
+    compute the same; the op adds the dispatcher's tens of microseconds a call, which eager
+    calls skip. A user's TorchFunctionMode is not a reason (torch.set_default_device installs
+    one for good): it sees the implementation's torch calls (docs/semantics.md)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()):
+            or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+            or torch.autograd.profiler._is_profiler_enabled):
         return True
     return any(isinstance(x, torch.Tensor) and (type(x) not in _PLAIN_TENSORS or x.is_meta) for x in args)
 

@@ -23,7 +23,9 @@ the host; ``max_seqlen_q/k`` size the varlen launch. Outputs are new contiguous 
 
 Each forward op has the autograd formula of ``autograd.py`` (register_autograd), the public
 functions reach the ops through new-style autograd.Functions with the same formula (torch.func
-needs them), and vmap raises NotImplementedError.
+needs them), and vmap raises NotImplementedError. In eager mode they call the implementations
+below directly (``autograd.OP_IMPLS``, skipping the dispatcher); a recorded or transformed call
+(``checks.needs_dispatch``) goes through the op.
 """
 
 from __future__ import annotations

@@ -142,22 +142,25 @@ _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 HOPPER_ENV = "TRITONFLASH_HOPPER_FWD"
 
 
-def _hopper_module(head_dim: int | None = None):
+def _hopper_module(head_dim: int):
     """kernels/hopper.py if it may take a call of this head dim, else None. ``TRITONFLASH_HOPPER_FWD``
-    (read per call): unset or ``auto``, the default: head dims in ``hopper.DEFAULT_HEAD_DIMS``
-    (where it measured faster than the tl kernel, docs/perf-notes.md); ``1``: every head dim it
-    covers; ``0``: never. Never under the interpreter, None where Gluon cannot be imported.
-    Imported on first use, so that ``import tritonflash`` does not need Gluon."""
-    mode = os.environ.get(HOPPER_ENV, "auto")
+    (read per call, so it is fixed inside a captured CUDA graph or a compiled graph): unset,
+    empty or ``auto``, the default: head dims in ``hopper.DEFAULT_HEAD_DIMS`` (where it measured
+    faster than the tl kernel, docs/perf-notes.md); ``1``: every head dim it covers; ``0``:
+    never (case and surrounding spaces ignored; anything else is a ValueError). Never under the
+    interpreter, None where Gluon cannot be imported. Imported on first use, so that
+    ``import tritonflash`` does not need Gluon."""
+    raw = os.environ.get(HOPPER_ENV, "")
+    mode = raw.strip().lower() or "auto"
     if mode not in ("0", "1", "auto"):
-        raise ValueError(f"{HOPPER_ENV} must be 0, 1 or auto (or unset), got {mode!r}")
+        raise ValueError(f"{HOPPER_ENV} must be 0, 1 or auto (or unset), got {raw!r}")
     if INTERPRET or mode == "0":
         return None
     try:
         from . import hopper
     except ImportError:
         return None
-    if mode == "auto" and head_dim is not None and head_dim not in hopper.DEFAULT_HEAD_DIMS:
+    if mode == "auto" and head_dim not in hopper.DEFAULT_HEAD_DIMS:
         return None
     return hopper
 

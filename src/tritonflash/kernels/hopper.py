@@ -48,11 +48,14 @@ reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in its m
 Keys past seqlen_k are safe (TMA zero-fills them). tests/test_hopper_fwd.py carries it as a
 strict xfail.
 
-ALiBi in q.k units: the kernel subtracts slope / softmax_scale * |i + sk - sq - j| from q.k before
-scaling (one multiply-add per score). That quotient overflows fp32 only for slope / scale above
-~3.4e38; hopper_supports refuses scales below MIN_SOFTMAX_SCALE (2^-32) on the host float, so it
-would take a slope above ~7.9e28 (never read on the host) to reach inf * 0 = NaN on the diagonal,
-where the ``tl`` kernel, which scales first, stays finite.
+ALiBi in q.k units, c = slope / softmax_scale (times log2 e, divided by qk_scale): non-causal,
+the kernel subtracts c * |i + sk - sq - j| from q.k before scaling; causal, it adds the column
+term c * (j - row0) only and subtracts the row term from lse (``_score_mod``, ALIBI_ROW_SHIFT).
+The products are fp32: they overflow where c * distance (distance up to seqlen) exceeds ~3.4e38,
+and a row whose first block of scores all overflow to -inf would get a NaN max, where the ``tl``
+kernel, which scales first, stays finite. hopper_supports refuses scales below
+MIN_SOFTMAX_SCALE (2^-32) on the host float, so it takes a slope above ~7.9e28 / seqlen (slopes
+are never read on the host) to get there.
 
 Query rows past seqlen_q: warpgroup 1's Q half is not loaded when all its rows lie past seqlen_q
 (seqlen_q % 128 in [1, 64], or seqlen_q <= 64), so that q_bar never waits for a box wholly out of
