@@ -65,7 +65,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # which only the non-causal mask reads. _block_range stays the spike's own: the library's also
 # handles partial key blocks and past-the-end query rows, a few more instructions per CTA.
 # The section size of that CTA order is the library's too.
-from tritonflash.kernels.hopper import _heads_per_l2_section, _score_mod, _tile_coords
+from tritonflash.kernels.hopper import _heads_per_l2_section, _ring_barriers, _score_mod, _tile_coords
 
 BLOCK_M = 128  # query rows per CTA (two warpgroups x 64)
 HALF_M = 64  # query rows per consumer warpgroup
@@ -330,19 +330,7 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, alibi_ptr, seqlen_q,
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty_bar.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bar.index(i), count=1)
-    fence_async_shared()
+    q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
 
     consumer_args = (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end,
                      q_row, q_col, lse_off, row0, alibi_c, qk_scale, STAGES, PINGPONG, CAUSAL, ALIBI)

@@ -3,8 +3,9 @@
 ``attn_fwd`` (forward.py) calls ``hopper_fwd`` when ``hopper_supports`` accepts the call and the
 head dim is in DEFAULT_HEAD_DIMS (``TRITONFLASH_HOPPER_FWD`` unset or ``auto``), or any head dim of
 HEAD_DIMS with ``TRITONFLASH_HOPPER_FWD=1``; ``TRITONFLASH_HOPPER_FWD=0`` turns it off. Everything
-else runs the ``tl`` kernel. First verified on an H200 at be67e6f (tests/test_hopper_fwd.py). Grown from the measured spike benchmarks/experiments/gluon_fwd.py
-(variant s3_pingpong: a 3-stage ring, the best there at head dim 128 and equal to 4 stages at 64).
+else runs the ``tl`` kernel. First verified on an H200 at be67e6f (tests/test_hopper_fwd.py).
+Grown from the measured spike benchmarks/experiments/gluon_fwd.py (variant s3_pingpong: a 3-stage
+ring, the best there at head dim 128 and equal to 4 stages at 64).
 
 Structure (one CTA per 128 query rows of one (batch, head)):
 - a producer partition (1 warp, 24 registers) loads the two 64-row Q halves once, then K and V
@@ -166,7 +167,7 @@ def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.c
     so the bias -c * (i' - j) is c * (j - row0) - c * (i' - row0): a column term and a row term.
     The tile gets the column term only (one add per score instead of a subtract, an abs and a
     multiply-add); the row term shifts each row's scores by a constant, which the softmax
-    ignores and the caller subtracts from lse (``_alibi_row_shift``). The values stay small where
+    ignores and ``_consumer`` subtracts from lse. The values stay small where
     they matter: a key far from the diagonal has a large negative column term, and a weight of
     2^-(c * distance * scale * log2 e) next to the row's maximum."""
     HM: gl.constexpr = sc.shape[0]
@@ -200,6 +201,27 @@ def _score_mod(sc, n0, row0, seqlen_k, alibi_c, MASK: gl.constexpr, CAUSAL: gl.c
                 # ALiBi spill (ptxas, Triton 3.6).
                 sc = gl.where(gl.expand_dims(cols, 0) < (seqlen_k - n0), sc, float("-inf"))
     return sc
+
+
+@gluon.jit
+def _ring_barriers(NS: gl.constexpr):
+    """The mbarriers of the ring, initialised and fenced: q_bar (the Q halves' TMA), per stage
+    k_bar and v_bar (TMA, expect-tx) and empty_bar (2 arrivals: one per consumer warpgroup),
+    and turn_bar[2] (the ping-pong turns)."""
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NS):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty_bar.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bar.index(i), count=1)
+    fence_async_shared()
+    return q_bar, k_bar, v_bar, empty_bar, turn_bar
 
 
 @gluon.jit
@@ -385,19 +407,7 @@ def _hopper_attn_fwd(
     q_smem = gl.allocate_shared_memory(dtype, [2, HM, D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty_bar.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bar.index(i), count=1)
-    fence_async_shared()
+    q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
                      lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
