@@ -50,6 +50,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -70,7 +71,6 @@ DEFAULT_METHODS = ["tritonflash", *PEERS]
 SMOKE_METHODS = ["tritonflash", "sdpa_math"]
 MEM_PASS = "fwdbwd_mem"
 PEERS_DIR_ENV = "TRITONFLASH_PEERS_DIR"
-HOPPER_ENV = "TRITONFLASH_HOPPER_FWD"  # kernels/forward.py's switch for the Hopper forward
 FA4_DIST = "flash-attn-4"
 FLEX_FLASH_OPTIONS = {"BACKEND": "FLASH"}  # Flex on FA4's CuTe-DSL kernels (torch >= 2.10)
 UNBOUNDED = (-1, -1)  # window_size: no window
@@ -347,24 +347,13 @@ def build_tritonflash(case: Case, x: Inputs) -> Runner:
     return Runner(fn, ref_bias=bias, ref_slopes=x.slopes)
 
 
-@contextlib.contextmanager
-def _tl_kernels_only():
-    """The Hopper forward (kernels/hopper.py) off: attn_fwd reads TRITONFLASH_HOPPER_FWD per call."""
-    old = os.environ.get(HOPPER_ENV)
-    os.environ[HOPPER_ENV] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[HOPPER_ENV]
-        else:
-            os.environ[HOPPER_ENV] = old
-
-
 def build_tritonflash_tl(case: Case, x: Inputs) -> Runner:
-    """tritonflash with the ``tl`` kernels only (no Hopper forward): the lever's baseline."""
+    """tritonflash with the ``tl`` kernels only (the Hopper forward off: attn_fwd reads
+    TRITONFLASH_HOPPER_FWD per call): the lever's baseline."""
+    from tritonflash.kernels.forward import HOPPER_ENV
+
     runner = build_tritonflash(case, x)
-    runner.context = _tl_kernels_only
+    runner.context = lambda: mock.patch.dict(os.environ, {HOPPER_ENV: "0"})
     return runner
 
 

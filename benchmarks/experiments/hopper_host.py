@@ -20,6 +20,7 @@ import io
 import os
 import pstats
 import time
+from unittest import mock
 
 import torch
 import triton
@@ -46,18 +47,15 @@ def measure(b, s, h, d, causal, profile: bool) -> None:
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = d ** -0.5
     call = (q, k, v, None, None, None, causal, scale)
-    os.environ["TRITONFLASH_HOPPER_FWD"] = "1"
+    os.environ[forward.HOPPER_ENV] = "1"
     assert hopper.hopper_supports(q, k, v, None, None, None, None, causal, scale, None, NO_FEATURES)
 
     def hop():
         return hopper.hopper_fwd(q, k, v, None, causal, scale)
 
     def tl():
-        os.environ["TRITONFLASH_HOPPER_FWD"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {forward.HOPPER_ENV: "0"}):
             return forward.attn_fwd(*call)
-        finally:
-            os.environ["TRITONFLASH_HOPPER_FWD"] = "1"
 
     row = {
         "hopper_fwd host us": host_us(hop),
