@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .autograd import _distinct, _kernel_backward, _kernel_forward, check_kernel_device, op_arguments
-from .checks import Inputs, check_bool, check_tensor, contiguous_cu_seqlens, prepare
+from .checks import Inputs, check_bool, check_tensor, contiguous_cu_seqlens, needs_dispatch, prepare
 from .kernels import Varlen
 
 __all__ = ["_flash_attn_forward", "_flash_attn_backward"]
@@ -100,9 +100,10 @@ def _flash_attn_forward(
     _check_seed(dropout_p, dropout_seed)
     inp = prepare(q, k, v, bias, causal, softmax_scale, alibi_slopes, key_padding_mask, window_size=window_size,
                   softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed, attn_mask=attn_mask)
-    if torch.compiler.is_compiling():
-        # Traced code (ring attention under torch.compile) reaches the kernels through the custom
-        # op, an opaque node: tracing into Triton's launcher (or its interpreter) breaks the graph.
+    if needs_dispatch((q, k, v, bias, alibi_slopes, key_padding_mask, sinks, attn_mask, dropout_seed)):
+        # Traced code (ring attention under torch.compile, export, make_fx) reaches the kernels
+        # through the custom op, an opaque node: tracing into Triton's launcher (or its
+        # interpreter) breaks the graph. The same rule as the public functions' (checks.py).
         with torch.no_grad():
             out, lse = torch.ops.tritonflash.fwd(*_op_args(inp, q, k, v, bias, alibi_slopes, key_padding_mask))
     else:
@@ -154,7 +155,8 @@ def _flash_attn_backward(
         if sinks is None:
             raise ValueError("dsinks was given without sinks: pass the sinks whose gradient it receives")
         _check_like("dsinks", dsinks, sinks.shape, torch.float32, q.device)
-    if torch.compiler.is_compiling():  # through the backward op, then into the given buffers (see the forward)
+    if needs_dispatch((do, q, k, v, o, lse, dq, dk, dv, bias, alibi_slopes, key_padding_mask, sinks, attn_mask, dropout_seed, dsinks)):
+        # through the backward op, then into the given buffers (see the forward)
         with torch.no_grad():
             gq, gk, gv, dbias, ds = torch.ops.tritonflash.bwd(
                 do, *_op_args(inp, q, k, v, bias, alibi_slopes, key_padding_mask, o, lse), bias_grad, dsinks is not None)
