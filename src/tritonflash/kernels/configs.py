@@ -165,9 +165,15 @@ def even_m(args):
 
 
 @functools.cache
+def device_properties(index: int | None):
+    """``torch.cuda.get_device_properties(index)``, asked once per device: the launchers read
+    the architecture, SM count, shared memory and L2 size on every call."""
+    return torch.cuda.get_device_properties(index)
+
+
 def device_arch(index: int) -> str:
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"sm{major}{minor}"
+    props = device_properties(index)
+    return f"sm{props.major}{props.minor}"
 
 
 def tile_key(args) -> tuple:

@@ -22,7 +22,6 @@ Keys at or past L are never loaded (masked loads), so a cache's unused slots may
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -45,7 +44,7 @@ from .common import (
     _visible,
     launch_meta,
 )
-from .configs import INTERPRET
+from .configs import INTERPRET, device_properties
 
 # Largest key tile; the tile is the largest power of two <= this that divides the page size.
 MAX_BLOCK_N = 16 if INTERPRET else 128
@@ -250,10 +249,9 @@ def _tile_smem(block_n: int, block_d: int, elem_size: int, block_m: int = MAX_BL
     return ((DECODE_STAGES - 1) * 2 * block_n * block_d + block_m * block_d) * elem_size + block_m * (block_n + block_d) * 4
 
 
-@functools.cache
 def _device_facts(index: int) -> tuple[int, int, int]:
     """(SM count, shared memory a block may opt into, shared memory per SM) of a CUDA device."""
-    props = torch.cuda.get_device_properties(index)
+    props = device_properties(index)
     per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 100 * 1024)
     per_block = int(getattr(props, "shared_memory_per_block_optin", 0) or per_sm - 1024)
     return props.multi_processor_count, per_block, per_sm

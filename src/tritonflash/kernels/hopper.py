@@ -81,6 +81,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .configs import device_properties
+
 BLOCK_M = 128  # query rows per CTA (two warpgroups x 64)
 HALF_M = 64  # query rows per consumer warpgroup
 BLOCK_N = 128  # keys per K/V tile; at d64 too (the spike: same softmax work per key, room for stages)
@@ -439,7 +441,8 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     if capability is None:
         if q.device.type != "cuda":
             return False
-        capability = _device_facts(q.device.index)[0]
+        props = device_properties(q.device.index)
+        capability = (props.major, props.minor)
     if tuple(capability) != (9, 0):
         return False
     if varlen is not None or bias is not None or key_padding_mask is not None:
@@ -473,19 +476,12 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     return all(_tma_ok(t) for t in (q, k, v) + ((out,) if out is not None else ()))
 
 
-@functools.cache
-def _device_facts(index: int):
-    """(capability, L2 bytes) of CUDA device ``index``, asked once."""
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.L2_cache_size
-
-
 def _heads_per_l2_section(k, nheads) -> int:
     """(batch, head) pairs per causal scheduling section: as many k/v heads as fill half of L2
     (the other half for the Q/O streams), times the query heads that share each."""
     l2 = L2_BYTES_DEFAULT
     if k.is_cuda:
-        l2 = _device_facts(k.device.index)[1]
+        l2 = device_properties(k.device.index).L2_cache_size
     kv_head_bytes = 2 * k.shape[1] * k.shape[3] * k.element_size()
     return max(1, (l2 // 2) // kv_head_bytes) * (nheads // k.shape[2])
 
