@@ -285,8 +285,9 @@ def _check_qkv(query, key, value):
 
 
 def _to_bias(mask_bool, dtype):
-    zero = torch.zeros((), dtype=dtype, device=mask_bool.device)
-    return torch.where(mask_bool, zero, torch.tensor(float("-inf"), dtype=dtype, device=mask_bool.device))
+    """0 where ``mask_bool`` is True, -inf where False. No host scalar is copied to the device
+    (``torch.tensor(-inf, device=...)`` would block the host on every decode step)."""
+    return torch.zeros(mask_bool.shape, dtype=dtype, device=mask_bool.device).masked_fill_(~mask_bool, float("-inf"))
 
 
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, position_bias=None,
