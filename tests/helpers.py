@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from tritonflash import attention_ref
+
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory a block may use on H100/H200
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def run_compile_script(script, *args, timeout, cwd=None):
+    """Run a script that compiles kernels for sm_90 without a GPU (tests/sm90_compile.py's
+    stand-in driver) in a subprocess, outside the Triton interpreter the test process runs in.
+    Returns (the finished process, the JSON rows it printed, one per line starting with '{')."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=cwd)
+    return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 FWD_FACTOR = 2
 GRAD_FACTOR = 3

@@ -10,9 +10,6 @@ wgmma (Hopper's tensor-core instruction) by every attention kernel.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,10 +17,10 @@ import pytest
 import torch
 
 from conftest import ON_GPU
+from helpers import SM90_SHARED_LIMIT, run_compile_script
 from tritonflash.kernels import configs
 from tritonflash.kernels.common import Variant
 
-SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
 HERE = Path(__file__).parent
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the GPU tier compiles and runs these for real")
@@ -68,12 +65,9 @@ def _candidate_cases():
 
 
 def _compile(cases):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "sm90_compile.py"), json.dumps({"cases": cases})],
-                          capture_output=True, text=True, env=env, timeout=1500)
+    proc, rows = run_compile_script(HERE / "sm90_compile.py", json.dumps({"cases": cases}), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return rows
 
 
 def test_every_variant_compiles_for_sm90_with_wgmma():

@@ -8,17 +8,13 @@ CPU machine with an empty cache (12 kernels).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ON_GPU
+from helpers import SM90_SHARED_LIMIT, run_compile_script
 
-SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
 SPIKE = Path(__file__).parent.parent / "benchmarks" / "experiments" / "gluon_fwd.py"
 
 # case/variant rows --compile-only must print: the measured d128 variants, then causal, GQA,
@@ -35,10 +31,7 @@ pytestmark = pytest.mark.skipif(ON_GPU, reason="the spike's --check run covers i
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SPIKE), "--compile-only"], capture_output=True, text=True, env=env,
-                          timeout=900)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    proc, rows = run_compile_script(SPIKE, "--compile-only", timeout=900)
     assert rows, proc.stderr[-3000:]
     return proc, {f"{r['case']}/{r['variant']}": r for r in rows}
 

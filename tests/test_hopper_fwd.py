@@ -15,7 +15,6 @@ carries the known causal invisible-key deviation (docs/semantics.md).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +23,23 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import check_against_reference, make_qkv
+from helpers import SM90_SHARED_LIMIT, check_against_reference, make_qkv, run_compile_script
 from tritonflash import flash_attn_func
 from tritonflash.kernels import forward, hopper
 from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
 
 HERE = Path(__file__).parent
-SM90_SHARED_LIMIT = 232448  # bytes per block on H100/H200
 ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 
 sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
+
+
+def _set_mode(monkeypatch, mode):
+    """TRITONFLASH_HOPPER_FWD=mode for this test; None: unset."""
+    if mode is None:
+        monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
+    else:
+        monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
 
 
 def _spy(monkeypatch):
@@ -52,14 +58,14 @@ def _spy(monkeypatch):
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """Turns the Hopper path on for every head dim it covers and records each call that reached it."""
-    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "1")
+    _set_mode(monkeypatch, "1")
     return _spy(monkeypatch)
 
 
 @pytest.fixture
 def default_calls(monkeypatch):
     """The default dispatch (TRITONFLASH_HOPPER_FWD unset), recording each call that reached the Hopper path."""
-    monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
+    _set_mode(monkeypatch, None)
     return _spy(monkeypatch)
 
 
@@ -226,10 +232,7 @@ def test_dispatch_is_off_under_the_interpreter(monkeypatch):
     """The Gluon kernel cannot run in the interpreter: the Hopper path is off there whatever
     TRITONFLASH_HOPPER_FWD says."""
     for mode in ("1", "auto", None):
-        if mode is None:
-            monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
-        else:
-            monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+        _set_mode(monkeypatch, mode)
         assert forward._hopper_module(128) is (None if forward.INTERPRET else hopper)
     monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
     assert forward._hopper_module(128) is None
@@ -244,10 +247,7 @@ def test_dispatch_by_mode_and_head_dim(monkeypatch, mode, head_dim, expected):
     covers; 0: never (hopper_supports decides the rest; case and spaces do not matter). The interpreter's switch is turned off
     here so that the CPU tier checks the choice too."""
     monkeypatch.setattr(forward, "INTERPRET", False)
-    if mode is None:
-        monkeypatch.delenv("TRITONFLASH_HOPPER_FWD", raising=False)
-    else:
-        monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+    _set_mode(monkeypatch, mode)
     assert (forward._hopper_module(head_dim) is hopper) is expected
 
 
@@ -285,11 +285,7 @@ def _case_id(c):
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "sm90_hopper_compile.py"), json.dumps(COMPILE_CASES)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=HERE)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    proc, rows = run_compile_script(HERE / "sm90_hopper_compile.py", json.dumps(COMPILE_CASES), timeout=900, cwd=HERE)
     assert len(rows) == len(COMPILE_CASES), proc.stderr[-3000:]
     return {_case_id(r["case"]): r for r in rows}
 
@@ -427,8 +423,7 @@ def test_fp16_with_alibi_and_gqa(hopper_calls, head_dim, causal):
 def test_default_dispatch(default_calls, monkeypatch, mode, head_dim):
     """Unset: head dim 128 takes the Hopper kernel, 64 the tl kernel; TRITONFLASH_HOPPER_FWD=0:
     the tl kernel for both. Each against the reference, with the gradients."""
-    if mode is not None:
-        monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", mode)
+    _set_mode(monkeypatch, mode)
     q, k, v = make_qkv(2, 1000, 1100, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
     takes = mode is None and head_dim in hopper.DEFAULT_HEAD_DIMS
     _check_forward(default_calls, q, k, v, calls=int(takes), grads=True, causal=True, alibi_slopes=_slopes(6))
