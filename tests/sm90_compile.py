@@ -106,22 +106,32 @@ def run_decode_case(d, dtype, nheads, nheads_k, seqlen_q=1, page=None, alibi=Fal
                 num_splits=splits)
 
 
+def run_ptxas(ptx: str, sass: bool = False) -> tuple[int, str, str]:
+    """ptxas -v on the PTX for sm_90a: (return code, its log, and with ``sass`` the cubin's
+    ``cuobjdump -sass`` listing when it compiled and cuobjdump is beside ptxas, else "")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        ptxas = get_ptxas(90).path
+        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True, text=True)
+        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+        listing = ""
+        if sass and proc.returncode == 0 and os.path.exists(cuobjdump):
+            listing = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+    return proc.returncode, proc.stdout + proc.stderr, listing
+
+
 def ptxas_facts(ptx: str) -> dict:
     """ptxas -v on the PTX for sm_90a: return code, registers, spill bytes, and warning C7515
     (wgmma serialised because other instructions write its accumulator registers inside a
     pipeline stage: register pressure; it cost 10-15% on the H200)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
+    rc, log, _ = run_ptxas(ptx)
     regs = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores", log) + re.findall(r"(\d+) bytes spill loads", log)
-    return {"ptxas_rc": proc.returncode, "ptxas_regs": int(regs[0]) if regs else None,
+    return {"ptxas_rc": rc, "ptxas_regs": int(regs[0]) if regs else None,
             "spill_bytes": sum(int(x) for x in spills) if spills else None, "c7515": "C7515" in log,
-            "ptxas_log": log[-1500:] if proc.returncode else ""}
+            "ptxas_log": log[-1500:] if rc else ""}
 
 
 def main():

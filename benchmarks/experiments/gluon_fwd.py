@@ -47,7 +47,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -420,22 +419,11 @@ def _install_sm90_stand_in_driver():
 def compile_facts(kernel) -> dict:
     """Facts from one compiled kernel: shared memory, registers (ptxas -v on its PTX for sm_90a),
     async wgmma, ptxas C7515 (wgmma serialised), warps per partition and their register requests."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    import sm90_compile  # on sys.path since _install_sm90_stand_in_driver
 
     ptx = kernel.asm["ptx"]
     ttgir = kernel.asm.get("ttgir", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cubin = os.path.join(tmp, "k.cubin")
-        ptxas = get_ptxas(90).path
-        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True, text=True)
-        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
-        sass = ""
-        if proc.returncode == 0 and os.path.exists(cuobjdump):
-            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-    log = proc.stdout + proc.stderr
+    rc, log, sass = sm90_compile.run_ptxas(ptx, sass=True)
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores", log)
     ws = re.findall(r"partition\d+\(.*?\) num_warps\((\d+)\)", ttgir)
@@ -456,7 +444,7 @@ def compile_facts(kernel) -> dict:
         "sass_hgmma": sass.count("HGMMA") if sass else None,
         "sass_local_mem": len(re.findall(r"\b(?:LDL|STL)\b", sass)) if sass else None,
         "c7515": "C7515" in log,
-        "ptxas_rc": proc.returncode,
+        "ptxas_rc": rc,
         "ptxas_warnings": [line for line in log.splitlines() if "warning" in line.lower()][:5],
     }
 
