@@ -340,7 +340,9 @@ def test_features_deterministic_gpu(feats):
 @pytest.mark.gpu
 def test_window_cost_is_proportional_gpu():
     """16k keys with a 1k window cost about 1k/16k of full causal attention (skipped blocks),
-    forward and backward; asserted loosely (launch overheads), measured in the benchmark."""
+    forward and backward; asserted loosely (launch overheads), measured in the benchmark. The
+    GPU tier runs many test workers on one GPU, so each case takes its fastest of several
+    synchronised runs (the least disturbed one) rather than the total of a few."""
     q, k, v = make_qkv(1, 16384, 16384, 16, 128, BF16, DEVICE)
 
     def timed(**kw):
@@ -348,12 +350,14 @@ def test_window_cost_is_proportional_gpu():
             out = flash_attn_func(q, k, v, causal=True, **kw)
             out.backward(torch.ones_like(out))
         run()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(3):
+        best = float("inf")
+        for _ in range(7):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             run()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     full, windowed = timed(), timed(window_size=(1024, 0))
     # Causal full attention does ~8k keys per row on average; the window ~1k: ~1/8 of the work.
