@@ -164,6 +164,11 @@ def even_m(args):
     return not args["VAR"].IS_VARLEN and args["seqlen_q"] % args["BLOCK_M"] == 0
 
 
+def even_n(args):
+    """Every key block is full (seqlen_k a multiple of BLOCK_N); never for packed varlen keys."""
+    return not args["VAR"].IS_VARLEN and args["seqlen_k"] % args["BLOCK_N"] == 0
+
+
 @functools.cache
 def device_properties(index: int | None):
     """``torch.cuda.get_device_properties(index)``, asked once per device: the launchers read
