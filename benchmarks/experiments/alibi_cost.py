@@ -38,7 +38,7 @@ def main() -> None:
                 for alibi in (False, True):
                     sl = slopes if alibi else None
                     times[(name, alibi)].append(triton.testing.do_bench_cudagraph(
-                        lambda mod=mod, sl=sl: mod.hopper_fwd(q, k, v, sl, causal, scale)))
+                        lambda mod=mod, sl=sl, qkv=(q, k, v), causal=causal, scale=scale: mod.hopper_fwd(*qkv, sl, causal, scale)))
         ref = {name: mods[name].hopper_fwd(q, k, v, slopes, causal, scale) for name in mods}
         first = next(iter(ref.values()))
         for name in mods:

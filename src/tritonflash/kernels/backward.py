@@ -165,12 +165,15 @@ def _attn_bwd_dkdv(
                  stride_stat[2])
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, lo, full_lo,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS,
+                                                  EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_lo, full_hi,
-                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=False, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                  seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=False, DBIAS_COLS=DBIAS_COLS,
+                                                  EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
         if VAR.MASK_BOTH_EDGES:
             dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_hi, hi,
-                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS, EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                      seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS,
+                                                      EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
         if DBIAS_COLS:
             dbias_ptr = DBias + sp.off_b * stride_dbias[0] + off_h * stride_dbias[1]
             tl.store(dbias_ptr + offs_n * stride_dbias[3], dbias_cols, mask=offs_n < seqlen_k)
