@@ -298,7 +298,9 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full,
-              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    """One consumer warpgroup. ``alibi``: the ALiBi slope in q.k units (fp32), or a pointer to
+    the slope, which this warpgroup then reads itself (see _hopper_attn_fwd)."""
     HM: gl.constexpr = q_smem.shape[1]
     D: gl.constexpr = q_smem.shape[2]
     NS: gl.constexpr = k_smem.shape[0]
@@ -310,6 +312,15 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     q = q_smem.index(WG)
     first = m0 + WG * HM  # this warpgroup's first query row
     row0 = first + seqlen_k - seqlen_q  # i + seqlen_k - seqlen_q of that row
+    if alibi.type.is_ptr():  # a compile-time choice: the argument's type
+        # Inside a partition the constexpr flags arrive as constant i1 values: both branches of
+        # `if ALIBI` are built, so they must agree in type (the pointer is valid either way).
+        L2E: gl.constexpr = 1.4426950408889634
+        alibi_c = qk_scale * 0.0
+        if ALIBI:
+            alibi_c = gl.load(alibi) * (L2E / qk_scale)
+    else:
+        alibi_c = alibi
     acc = gl.zeros([HM, D], gl.float32, o_layout)
     s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
@@ -361,16 +372,16 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
 
 @gluon.jit
 def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
-               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+               seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
 
 
 @gluon.jit
 def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
-               seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+               seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section"])
@@ -395,13 +406,23 @@ def _hopper_attn_fwd(
     m0 = pid_m * BM
     lse_off = bh.to(gl.int64) * seqlen_q
     n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL)
-    if ALIBI:
-        # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it
-        # to q.k, before the softmax multiplies by qk_scale = scale * log2(e).
-        L2E: gl.constexpr = 1.4426950408889634
-        alibi_c = gl.load(alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]) * (L2E / qk_scale)
+    # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it to
+    # q.k, before the softmax multiplies by qk_scale = scale * log2(e). Under causal masking the
+    # consumers read the slope themselves, after warp_specialize: a load here delays the
+    # producer's first TMA loads in every CTA (ALiBi cost at 4k causal 9-10% -> 7%, measured on
+    # the H200: docs/perf-notes.md, change 14). Without causal masking that measured 2 points
+    # slower (12 -> 13-15%), so there the slope is read here and passed as a value.
+    if CAUSAL:
+        if ALIBI:
+            alibi = alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]
+        else:
+            alibi = lse_ptr  # a valid fp32 pointer that is never read (see _consumer)
     else:
-        alibi_c = qk_scale * 0.0  # unused: _score_mod reads it only under ALIBI
+        if ALIBI:
+            L2E: gl.constexpr = 1.4426950408889634
+            alibi = gl.load(alibi_ptr + b.to(gl.int64) * stride_alibi[0] + h * stride_alibi[1]) * (L2E / qk_scale)
+        else:
+            alibi = qk_scale * 0.0  # unused: _score_mod reads it only under ALIBI
 
     dtype: gl.constexpr = q_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
@@ -412,7 +433,7 @@ def _hopper_attn_fwd(
     q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-                     lse_off, seqlen_q, seqlen_k, alibi_c, qk_scale, CAUSAL, ALIBI)
+                     lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
     gl.warp_specialize([
         (_consumer0, consumer_args),
         (_consumer1, consumer_args),
