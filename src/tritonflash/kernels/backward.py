@@ -15,6 +15,8 @@ the block ranges from ``common.py``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -407,10 +409,15 @@ def attn_bwd(
     def grid_dq(m):
         return (triton.cdiv(seqlen_q, m["BLOCK_M"]) * batch * nheads,)
 
-    _launch_dkdv(
-        grid_dkdv, **pb.operands(DK=dk, DV=dv), DBias=dbias_cols, stride_dbias=dbias_cols.stride() if dbias_cols is not None else (0, 0, 0, 0), batch=batch,
-        nheads_k=nheads_k, sm_scale=softmax_scale, DBIAS_COLS=dbias_cols is not None, **common, **cu,
-    )
+    hopper_bwd = _hopper_bwd_module()
+    if (hopper_bwd is not None and varlen is None and bias is None and alibi_slopes is None and key_padding_mask is None
+            and _plain(features, causal) and hopper_bwd.hopper_bwd_supports(q, k, v, dout, dk, dv, causal, softmax_scale)):
+        hopper_bwd.hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale)
+    else:
+        _launch_dkdv(
+            grid_dkdv, **pb.operands(DK=dk, DV=dv), DBias=dbias_cols, stride_dbias=dbias_cols.stride() if dbias_cols is not None else (0, 0, 0, 0), batch=batch,
+            nheads_k=nheads_k, sm_scale=softmax_scale, DBIAS_COLS=dbias_cols is not None, **common, **cu,
+        )
     _launch_dq(grid_dq, **pb.operands(DQ=dq), batch=batch, nheads=nheads, sm_scale=softmax_scale, **common, **cu)
 
     dbias = None
@@ -436,6 +443,33 @@ def attn_bwd(
     if sinks_grad and features.sinks is not None:
         dsinks = sinks_gradient(features.sinks, lse, delta, varlen is not None)
     return dq, dk, dv, dbias, dsinks
+
+
+HOPPER_BWD_ENV = "TRITONFLASH_HOPPER_BWD"
+
+
+def _hopper_bwd_module():
+    """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) when ``TRITONFLASH_HOPPER_BWD=1``,
+    else None (unset, empty or 0: off; anything else is a ValueError). Never under the
+    interpreter; imported on first use."""
+    raw = os.environ.get(HOPPER_BWD_ENV, "")
+    mode = raw.strip() or "0"
+    if mode not in ("0", "1"):
+        raise ValueError(f"{HOPPER_BWD_ENV} must be 0 or 1 (or unset), got {raw!r}")
+    if INTERPRET or mode == "0":
+        return None
+    try:
+        from . import hopper_bwd
+    except ImportError:
+        return None
+    return hopper_bwd
+
+
+def _plain(features, causal) -> bool:
+    """No score feature but causal masking (which may come as window (-1, 0))."""
+    left, right = features.window
+    return (left == -1 and right in ((-1, 0) if causal else (-1,)) and features.softcap == 0 and features.sinks is None
+            and features.dropout_p == 0 and features.attn_mask is None)
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

@@ -1,0 +1,48 @@
+"""The Gluon dK/dV pass (kernels/hopper_bwd.py) against the tl one: the whole backward
+(``attn_bwd``: preprocess, dK/dV, dQ) timed with TRITONFLASH_HOPPER_BWD=0 and =1 under a CUDA
+graph, and the largest dK/dV difference between the two. d128, b*s = 16k tokens, 16 heads.
+
+    PYTHONPATH=src python benchmarks/experiments/hopper_bwd_time.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from tritonflash.kernels import attn_bwd, attn_fwd, backward
+
+SHAPES = [(4, 4096, 16, 128, False), (4, 4096, 16, 128, True), (16, 1024, 16, 128, False), (16, 1024, 16, 128, True)]
+
+
+def measure(b, s, h, d, causal) -> None:
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = d ** -0.5
+    out, lse = attn_fwd(q, k, v, None, None, None, causal, scale)
+
+    def run():
+        return attn_bwd(do, q, k, v, out, lse, None, None, None, causal, scale)
+
+    res = {}
+    for mode in ("0", "1"):
+        os.environ[backward.HOPPER_BWD_ENV] = mode  # read per call: fixed in the captured graph
+        res[mode] = (triton.testing.do_bench_cudagraph(run), run())
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)  # the backward's 5 matmuls (FA convention)
+    dk_diff = (res["0"][1][1].float() - res["1"][1][1].float()).abs().max().item()
+    dv_diff = (res["0"][1][2].float() - res["1"][1][2].float()).abs().max().item()
+    print(f"b{b} s{s} h{h} d{d} {'causal' if causal else 'full'}: backward tl {res['0'][0]:.3f} ms "
+          f"({flops / res['0'][0] / 1e9:.0f} TFLOP/s), gluon dK/dV {res['1'][0]:.3f} ms ({flops / res['1'][0] / 1e9:.0f}), "
+          f"max |dk diff| {dk_diff:.3e}, |dv diff| {dv_diff:.3e}", flush=True)
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    torch.manual_seed(0)
+    for shape in SHAPES:
+        measure(*shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). EXPERIMENTAL:
+compiled for sm_90a on the CPU machine; not yet run on a GPU and not called by ``attn_bwd``.
+
+It computes what ``backward._attn_bwd_dkdv`` computes for the calls ``hopper_bwd_supports``
+accepts (no bias, no key padding, no varlen, no score features), deterministically (each CTA
+owns its dK/dV rows, no atomics); dQ stays with the ``tl`` pass.
+
+Structure (one CTA per 128 keys of one (batch, kv head)):
+- a producer partition (1 warp) loads the two 64-key halves of K and V once, then for every
+  query head of the GQA group and every query block the CTA's keys can see, the 64-row Q and dO
+  tiles by TMA into a STAGES-deep ring (a ready mbarrier per stage, expect-tx; an empty mbarrier
+  with one arrival per consumer);
+- two consumer warpgroups, each owning 64 keys, work on transposed tiles ([keys, queries]) so
+  that no wgmma result is transposed: S^T = K Q^T and dP^T = V dO^T (both operands in shared
+  memory, issued back to back, async), P^T = exp2(S^T * scale * log2 e - lse * log2 e) (zero
+  where causal masking hides the query), dS^T = P^T (dP^T - delta), then dV += P^T dO and
+  dK += dS^T Q with P^T and dS^T from registers;
+- epilogue: dK * scale and dV through the warpgroup's own K/V buffers and TMA stores (clipped
+  at seqlen_k).
+
+Rows past the ends. Q/dO rows past seqlen_q are zero-filled by TMA and their lse is read as +inf
+(delta as 0), so P^T and dS^T are exactly 0 there. Keys past seqlen_k are zero-filled too; their
+P^T, dS^T only reach their own dK/dV rows, which the TMA store drops. A second key half wholly
+past seqlen_k is not loaded: that warpgroup computes on whatever its buffers hold, in step with
+the other, and stores nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .configs import device_properties
+from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok
+
+BLOCK_N = 128  # keys per CTA (two warpgroups x 64)
+HALF_N = 64  # keys per consumer warpgroup
+BLOCK_M = 64  # query rows per step
+STAGES = gl.constexpr(2)
+HEAD_DIMS = (64, 128)
+PRODUCER_WARPS = 1
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _query_blocks(n0, seqlen_q, seqlen_k, BM: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first, end) query blocks of BM rows that see any of the keys from n0 on."""
+    first = 0
+    if CAUSAL:
+        # Query i sees key j iff j <= i + seqlen_k - seqlen_q; n0 - (seqlen_k - seqlen_q) < seqlen_q.
+        first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // BM
+    return first, (seqlen_q + BM - 1) // BM
+
+
+@gluon.jit
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                  b, n0, hk, kv_group, first, end, seqlen_k):
+    NS: gl.constexpr = q_smem.shape[0]
+    BM: gl.constexpr = q_smem.shape[1]
+    HN: gl.constexpr = k_smem.shape[1]
+    KV_BYTES: gl.constexpr = k_desc.block_type.nbytes
+    # The second key half only if it has a real key (a wholly out-of-bounds box is not relied on).
+    second = n0 + HN < seqlen_k
+    mbarrier.expect(kv_bar, 4 * KV_BYTES, pred=second)
+    mbarrier.expect(kv_bar, 2 * KV_BYTES, pred=n0 + HN >= seqlen_k)
+    tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_bar, _tma_box(k_smem.index(0)))
+    tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_bar, _tma_box(v_smem.index(0)))
+    tma.async_copy_global_to_shared(k_desc, [b, n0 + HN, hk, 0], kv_bar, _tma_box(k_smem.index(1)), pred=second)
+    tma.async_copy_global_to_shared(v_desc, [b, n0 + HN, hk, 0], kv_bar, _tma_box(v_smem.index(1)), pred=second)
+    per_head = end - first
+    for t in range(kv_group * per_head):
+        h = hk * kv_group + t // per_head
+        m0 = (first + t % per_head) * BM
+        s = t % NS
+        # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
+        mbarrier.wait(empty_bar.index(s), ((t // NS) & 1) ^ 1)
+        mbarrier.expect(ready_bar.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], ready_bar.index(s), _tma_box(q_smem.index(s)))
+        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], ready_bar.index(s), _tma_box(do_smem.index(s)))
+
+
+@gluon.jit
+def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                  lse_ptr, delta_ptr, b, n0, hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                  CAUSAL: gl.constexpr):
+    NS: gl.constexpr = q_smem.shape[0]
+    BM: gl.constexpr = q_smem.shape[1]
+    D: gl.constexpr = q_smem.shape[2]
+    HN: gl.constexpr = k_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    LOG2E_C: gl.constexpr = 1.4426950408889634
+
+    k = k_smem.index(WG)
+    v = v_smem.index(WG)
+    key0 = n0 + WG * HN  # this warpgroup's first key
+    dk = gl.zeros([HN, D], gl.float32, acc_layout)
+    dv = gl.zeros([HN, D], gl.float32, acc_layout)
+    cols = gl.arange(0, BM, layout=col_layout)
+    keys = gl.arange(0, HN, layout=gl.SliceLayout(1, s_layout))
+    mbarrier.wait(kv_bar, 0)
+    per_head = end - first
+    for t in range(kv_group * per_head):
+        h = hk * kv_group + t // per_head
+        m0 = (first + t % per_head) * BM
+        s = t % NS
+        # lse and delta of the block's query rows, read before the wait (their latency overlaps
+        # the TMA); rows past seqlen_q: lse +inf and delta 0, so P and dS are 0 there.
+        stat = (b * nheads + h).to(gl.int64) * seqlen_q + m0
+        in_q = (m0 + cols) < seqlen_q
+        lse2 = gl.load(lse_ptr + stat + cols, mask=in_q, other=float("inf")) * LOG2E_C
+        delta = gl.load(delta_ptr + stat + cols, mask=in_q, other=0.0)
+        mbarrier.wait(ready_bar.index(s), (t // NS) & 1)
+        q = q_smem.index(s)
+        do = do_smem.index(s)
+        # Zero accumulators made here, not kept across the loop (32 registers each at d128).
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([HN, BM], gl.float32, s_layout), use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([HN, BM], gl.float32, s_layout), use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok,))
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        if CAUSAL:
+            # Key j (row) is visible to query i (column) iff i + seqlen_k - seqlen_q - j >= 0.
+            # (a broadcast compare of a key vector and a query vector: no [keys, queries] index tile)
+            pt = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(cols + (m0 + seqlen_k - seqlen_q - key0), 0), pt, 0.0)
+        # dV's wgmma runs while dS is computed (wgmma groups complete in order: waiting for
+        # dP^T with one group outstanding leaves dV's running).
+        dv_tok = warpgroup_mma(gl.convert_layout(pt.to(q.dtype), a_layout), do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok,))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        dk_tok = warpgroup_mma(gl.convert_layout(dst.to(q.dtype), a_layout), q, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+        gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
+        mbarrier.arrive(empty_bar.index(s), count=1)
+
+    # K and V of this warpgroup are no longer read: their buffers stage dK and dV for the TMA
+    # stores, which drop the rows past seqlen_k.
+    k.store((dk * sm_scale).to(k.dtype))
+    v.store(dv.to(v.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, key0, hk, 0], _tma_box(k))
+    tma.async_copy_shared_to_global(dv_desc, [b, key0, hk, 0], _tma_box(v))
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _bwd_consumer0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                   hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    _bwd_consumer(0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
+
+
+@gluon.jit
+def _bwd_consumer1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                   hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    _bwd_consumer(1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+def _hopper_attn_bwd_dkdv(
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc,  # 4-D (batch, seqlen, heads, head dim) TMA descriptors
+    lse_ptr, delta_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous
+    seqlen_q, seqlen_k, nheads, nheads_k, kv_group, qk_scale, sm_scale,
+    CAUSAL: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+):
+    BM: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    HN: gl.constexpr = k_desc.block_type.shape[1]
+    BN: gl.constexpr = 2 * HN
+    # Key blocks of one (batch, kv head) adjacent: they stream the same Q/dO (L2); block 0 first,
+    # which under causal masking sees the most query blocks.
+    n_n = (seqlen_k + BN - 1) // BN
+    pid = gl.program_id(0)
+    n0 = (pid % n_n) * BN
+    bhk = pid // n_n
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    first, end = _query_blocks(n0, seqlen_q, seqlen_k, BM, CAUSAL)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HN, D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HN, D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HN, D], kv_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bar.index(i), count=1)
+        mbarrier.init(empty_bar.index(i), count=2)
+    fence_async_shared()
+
+    consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                     hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
+    gl.warp_specialize([
+        (_bwd_consumer0, consumer_args),
+        (_bwd_consumer1, consumer_args),
+        (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                         b, n0, hk, kv_group, first, end, seqlen_k)),
+    ], [4, P_WARPS], [C_REGS, P_REGS])
+
+
+def hopper_bwd_supports(q, k, v, dout, dk, dv, causal, softmax_scale, capability=None) -> bool:
+    """Whether ``hopper_bwd_dkdv`` computes this call's dK/dV: sm_90, fp16/bf16, head dim 64/128,
+    (batch, seqlen, heads, head dim) tensors TMA can address, causal only with
+    seqlen_k >= seqlen_q. The caller has already ruled out bias, key padding, varlen and score
+    features (``attn_bwd``)."""
+    if capability is None:
+        if q.device.type != "cuda":
+            return False
+        props = device_properties(q.device.index)
+        capability = (props.major, props.minor)
+    if tuple(capability) != (9, 0) or q.dim() != 4 or q.dtype not in GL_DTYPES:
+        return False
+    if not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
+        return False
+    if q.shape[3] not in HEAD_DIMS or k.shape[3] != q.shape[3] or v.shape != k.shape:
+        return False
+    if causal and k.shape[1] < q.shape[1]:
+        return False
+    if not softmax_scale > 0:
+        return False
+    return all(_tma_ok(t) for t in (q, k, v, dout, dk, dv))
+
+
+def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale):
+    """Fill dk, dv (like k) for a call ``hopper_bwd_supports`` accepted. lse, delta: (batch,
+    nheads, seqlen_q) fp32 contiguous (natural-log lse from the forward, delta = rowsum(o * do))."""
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    assert lse.is_contiguous() and delta.is_contiguous()
+    grid = (triton.cdiv(seqlen_k, BLOCK_N) * batch * nheads_k,)
+    _hopper_attn_bwd_dkdv[grid](
+        q_desc=_descriptor(q, BLOCK_M),
+        do_desc=_descriptor(dout, BLOCK_M),
+        k_desc=_descriptor(k, HALF_N),
+        v_desc=_descriptor(v, HALF_N),
+        dk_desc=_descriptor(dk, HALF_N),
+        dv_desc=_descriptor(dv, HALF_N),
+        lse_ptr=lse,
+        delta_ptr=delta,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        nheads=nheads,
+        nheads_k=nheads_k,
+        kv_group=nheads // nheads_k,
+        qk_scale=float(softmax_scale) * LOG2E,
+        sm_scale=float(softmax_scale),
+        CAUSAL=bool(causal),
+        P_WARPS=PRODUCER_WARPS,
+        P_REGS=PRODUCER_REGS,
+        C_REGS=CONSUMER_REGS,
+        num_warps=4,
+    )
+    return dk, dv
