@@ -1,9 +1,12 @@
-"""Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). EXPERIMENTAL:
-compiled for sm_90a on the CPU machine; not yet run on a GPU and not called by ``attn_bwd``.
+"""Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). Opt-in:
+``attn_bwd`` runs it with ``TRITONFLASH_HOPPER_BWD=1`` (``backward._hopper_bwd_module``); off by
+default, because on an H200 it measured at parity with the ``tl`` pass, not faster
+(docs/perf-notes.md, change 16). Verified there: tests/test_hopper_bwd.py, 62 tests.
 
 It computes what ``backward._attn_bwd_dkdv`` computes for the calls ``hopper_bwd_supports``
-accepts (no bias, no key padding, no varlen, no score features), deterministically (each CTA
-owns its dK/dV rows, no atomics); dQ stays with the ``tl`` pass.
+accepts (no bias, ALiBi, key padding, varlen or score features: ``attn_bwd`` checks those),
+deterministically (each CTA owns its dK/dV rows, no atomics, one query order); dQ stays with
+the ``tl`` pass.
 
 Structure (one CTA per 128 keys of one (batch, kv head)):
 - a producer partition (1 warp) loads the two 64-key halves of K and V once, then for every
