@@ -26,6 +26,26 @@ def run_compile_script(script, *args, timeout, cwd=None):
                           cwd=cwd)
     return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
+def compile_gluon_cases(script, cases, case_id):
+    """Compile each case with a tests/sm90_*_compile.py script (one subprocess); its rows by
+    ``case_id(case)``."""
+    script = Path(script)
+    proc, rows = run_compile_script(script, json.dumps(cases), timeout=900, cwd=script.parent)
+    assert len(rows) == len(cases), proc.stderr[-3000:]
+    return {case_id(r["case"]): r for r in rows}
+
+
+def assert_gluon_compiled(r, max_spill_bytes=0):
+    """A ``sm90_compile.gluon_row``: compiled and assembled for sm_90a, within shared memory,
+    async wgmma that ptxas did not serialise, 4-D TMA boxes, at most ``max_spill_bytes`` spilled."""
+    assert "error" not in r, r["error"]
+    assert r["ptxas_rc"] == 0, r["ptxas_log"]
+    assert r["shared"] <= SM90_SHARED_LIMIT, r
+    assert r["spill_bytes"] <= max_spill_bytes, r
+    assert r["wgmma_async"] and not r["c7515"], f"wgmma missing or serialised by ptxas: {r}"
+    assert r["tma_4d"], f"expected 4-D (batch, seqlen, heads, dim) TMA boxes: {r}"
+
+
 FWD_FACTOR = 2
 GRAD_FACTOR = 3
 

@@ -134,6 +134,28 @@ def ptxas_facts(ptx: str) -> dict:
             "ptxas_log": log[-1500:] if rc else ""}
 
 
+def gluon_row(launch) -> dict:
+    """Compile one Gluon kernel through ``launch()`` (a library launcher called on CPU tensors)
+    and describe it: name, shared memory, async wgmma, TMA copies, and ptxas_facts."""
+    _compiled.clear()
+    launch()
+    (name, kernel), = _compiled
+    ptx = kernel.asm["ptx"]
+    return {"kernel": name, "shared": kernel.metadata.shared, "wgmma_async": "wgmma.mma_async" in ptx,
+            "tma_copies": ptx.count("cp.async.bulk.tensor"), "tma_4d": "cp.async.bulk.tensor.4d" in ptx, **ptxas_facts(ptx)}
+
+
+def print_cases(run_case):
+    """For each case of the JSON list in argv[1], print one JSON line: the case and
+    ``run_case(**case)``'s row, or the error it raised (which the calling test reports)."""
+    for case in json.loads(sys.argv[1]):
+        try:
+            row = run_case(**case)
+        except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+            row = {"error": f"{type(e).__name__}: {e}"[-3000:]}
+        print(json.dumps({"case": case, **row}), flush=True)
+
+
 def main():
     spec = json.loads(sys.argv[1])
     launchers = {"fwd": forward._launch_fwd, "dkdv": backward._launch_dkdv, "dq": backward._launch_dq,

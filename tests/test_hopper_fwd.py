@@ -14,7 +14,6 @@ carries the known causal invisible-key deviation (docs/semantics.md).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import SM90_SHARED_LIMIT, check_against_reference, make_qkv, run_compile_script
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv
 from tritonflash import flash_attn_func
 from tritonflash.kernels import forward, hopper
 from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
@@ -261,7 +260,8 @@ def test_dispatch_refuses_an_unknown_mode(monkeypatch, mode):
 
 def test_import_does_not_load_the_gluon_module():
     """``import tritonflash`` must work where Gluon is missing: kernels/hopper.py is imported on first use."""
-    code = "import sys, tritonflash; assert 'tritonflash.kernels.hopper' not in sys.modules, 'hopper imported eagerly'"
+    code = ("import sys, tritonflash; assert not {'tritonflash.kernels.hopper', 'tritonflash.kernels.hopper_bwd'} & "
+            "set(sys.modules), 'a Gluon module imported eagerly'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -285,21 +285,13 @@ def _case_id(c):
 
 @pytest.fixture(scope="module")
 def compiled():
-    proc, rows = run_compile_script(HERE / "sm90_hopper_compile.py", json.dumps(COMPILE_CASES), timeout=900, cwd=HERE)
-    assert len(rows) == len(COMPILE_CASES), proc.stderr[-3000:]
-    return {_case_id(r["case"]): r for r in rows}
+    return compile_gluon_cases(HERE / "sm90_hopper_compile.py", COMPILE_CASES, _case_id)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tier runs the kernel itself")
 @pytest.mark.parametrize("case", [_case_id(c) for c in COMPILE_CASES])
 def test_compiles_for_sm90(compiled, case):
-    r = compiled[case]
-    assert "error" not in r, r["error"]
-    assert r["ptxas_rc"] == 0, r["ptxas_log"]
-    assert r["shared"] <= SM90_SHARED_LIMIT, r
-    assert r["spill_bytes"] == 0, r
-    assert r["wgmma_async"] and not r["c7515"], f"wgmma missing or serialised by ptxas: {r}"
-    assert r["tma_4d"], f"expected 4-D (batch, seqlen, heads, dim) TMA boxes: {r}"
+    assert_gluon_compiled(compiled[case])
 
 
 # --------------------------------------------------------------------------------------------

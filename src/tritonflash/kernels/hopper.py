@@ -455,16 +455,22 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return all(n == 1 or (st > 0 and (st * size) % 16 == 0) for st, n in zip(t.stride()[:-1], t.shape[:-1]))
 
 
+def on_sm90(t: torch.Tensor, capability=None) -> bool:
+    """Whether the GPU is an sm_90 one: ``capability`` (major, minor) if given, else t's device
+    (a CPU tensor: False)."""
+    if capability is None:
+        if t.device.type != "cuda":
+            return False
+        props = device_properties(t.device.index)
+        capability = (props.major, props.minor)
+    return tuple(capability) == (9, 0)
+
+
 def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
                     capability=None) -> bool:
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
     ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
-    if capability is None:
-        if q.device.type != "cuda":
-            return False
-        props = device_properties(q.device.index)
-        capability = (props.major, props.minor)
-    if tuple(capability) != (9, 0):
+    if not on_sm90(q, capability):
         return False
     if varlen is not None or bias is not None or key_padding_mask is not None:
         return False

@@ -41,8 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .configs import device_properties
-from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok
+from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok, on_sm90
 
 BLOCK_N = 128  # keys per CTA (two warpgroups x 64)
 HALF_N = 64  # keys per consumer warpgroup
@@ -223,12 +222,7 @@ def hopper_bwd_supports(q, k, v, dout, dk, dv, causal, softmax_scale, capability
     (batch, seqlen, heads, head dim) tensors TMA can address, causal only with
     seqlen_k >= seqlen_q. The caller has already ruled out bias, key padding, varlen and score
     features (``attn_bwd``)."""
-    if capability is None:
-        if q.device.type != "cuda":
-            return False
-        props = device_properties(q.device.index)
-        capability = (props.major, props.minor)
-    if tuple(capability) != (9, 0) or q.dim() != 4 or q.dtype not in GL_DTYPES:
+    if not on_sm90(q, capability) or q.dim() != 4 or q.dtype not in GL_DTYPES:
         return False
     if not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
         return False
