@@ -26,6 +26,20 @@ def run_compile_script(script, *args, timeout, cwd=None):
                           cwd=cwd)
     return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
+def spy_calls(monkeypatch, module, name):
+    """Wrap ``module.name`` (a launcher whose first argument is q) for this test: returns the
+    list of q's shapes, one per call that reached it."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def compile_gluon_cases(script, cases, case_id):
     """Compile each case with a tests/sm90_*_compile.py script (one subprocess); its rows by
     ``case_id(case)``."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, spy_calls
 from tritonflash import flash_attn_func
 from tritonflash.kernels import backward, hopper_bwd
 
@@ -30,15 +30,7 @@ sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
 def bwd_calls(monkeypatch):
     """Turns the Gluon dK/dV pass on and records the shape of q of each call that reached it."""
     monkeypatch.setenv(backward.HOPPER_BWD_ENV, "1")
-    calls = []
-    real = hopper_bwd.hopper_bwd_dkdv
-
-    def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(hopper_bwd, "hopper_bwd_dkdv", spy)
-    return calls
+    return spy_calls(monkeypatch, hopper_bwd, "hopper_bwd_dkdv")
 
 
 def _check(bwd_calls, b, sq, sk, h, hk, d, causal, dtype=torch.bfloat16):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, spy_calls
 from tritonflash import flash_attn_func
 from tritonflash.kernels import forward, hopper
 from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
@@ -43,15 +43,7 @@ def _set_mode(monkeypatch, mode):
 
 def _spy(monkeypatch):
     """Records the shape of q of each call that reached the Hopper kernel."""
-    calls = []
-    real = hopper.hopper_fwd
-
-    def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(hopper, "hopper_fwd", spy)
-    return calls
+    return spy_calls(monkeypatch, hopper, "hopper_fwd")
 
 
 @pytest.fixture
