@@ -20,6 +20,7 @@ from conftest import DEVICE, ON_GPU
 from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, spy_calls
 from tritonflash import flash_attn_func
 from tritonflash.kernels import backward, hopper_bwd
+from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
 
 HERE = Path(__file__).parent
 ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
@@ -60,9 +61,37 @@ def test_smoke(bwd_calls, sq, sk, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa3", "mqa"])
-@pytest.mark.parametrize("sq, sk", [(128, 128), (1000, 1000), (257, 511), (1024, 2048)])
+@pytest.mark.parametrize("sq, sk", [(128, 128), (1000, 1000), (257, 511), (1024, 2048), (300, 100)])
 def test_gradients_match_reference(bwd_calls, sq, sk, heads, head_dim, causal):
     _check(bwd_calls, 2, sq, sk, heads[0], heads[1], head_dim, causal)
+
+
+@pytest.mark.gpu
+@sm90
+def test_packed_and_strided_layouts(bwd_calls):
+    """dK/dV written into views of one packed gradient (qkv- and kv-packed calls), and q/k/v as
+    (batch, heads, seqlen, dim) transposes: descriptors over their own strides."""
+    from tritonflash import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+    qkv = torch.randn(2, 300, 3, 4, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(2))
+    dout = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    ref = torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+    for i in range(3):
+        torch.testing.assert_close(g[:, :, i], ref[i], atol=0, rtol=0)
+
+    q = torch.randn(2, 4, 250, 128, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    kv = torch.randn(2, 330, 2, 2, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    out = flash_attn_kvpacked_func(q, kv)
+    k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(2))
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, kv, dout)[0]
+    ref = torch.autograd.grad(flash_attn_func(q, k, v), (k, v), dout)
+    for i in range(2):
+        torch.testing.assert_close(g[:, :, i], ref[i], atol=0, rtol=0)
+    assert len(bwd_calls) >= 4
 
 
 @pytest.mark.gpu
@@ -77,6 +106,7 @@ def test_deterministic(bwd_calls):
     q, k, v = make_qkv(2, 1024, 1024, 8, 128, torch.bfloat16, DEVICE, nheads_k=2)
     dout = torch.randn(2, 1024, 8, 128, device=DEVICE, dtype=torch.bfloat16)
     grads = [torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)]
+    assert len(bwd_calls) == 2
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 
@@ -116,12 +146,58 @@ def test_off_under_the_interpreter(monkeypatch):
     assert backward._hopper_bwd_module() is None
 
 
-def test_supports_refuses_cpu_tensors_and_short_causal_keys():
-    q = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16)
-    assert not hopper_bwd.hopper_bwd_supports(q, q, q, q, q, q, False, 0.1)
-    k = torch.empty(1, 4, 2, 128, dtype=torch.bfloat16)
-    assert not hopper_bwd.hopper_bwd_supports(q, k, k, q, k, k, True, 0.1, capability=(9, 0))
-    assert hopper_bwd.hopper_bwd_supports(q, k, k, q, k, k, False, 0.1, capability=(9, 0))
+def _call(b=2, sq=200, sk=300, h=4, hk=2, d=128, dtype=torch.bfloat16, **over):
+    """hopper_bwd_supports' arguments for an attn_bwd call on CPU stand-in tensors (never read):
+    the sizes make q/k/v/dout/dk/dv and lse, ``over`` replaces any argument."""
+    q, k = torch.empty(b, sq, h, d, dtype=dtype), torch.empty(b, sk, hk, d, dtype=dtype)
+    args = dict(q=q, k=k, v=k, dout=q, dk=torch.empty_like(k), dv=torch.empty_like(k), lse=torch.empty(b, h, sq), bias=None,
+                alibi_slopes=None, key_padding_mask=None, causal=False, softmax_scale=0.125, varlen=None, features=NO_FEATURES,
+                capability=(9, 0))
+    args.update(over)
+    return args
+
+
+SUPPORTS = [
+    pytest.param({}, True, id="bf16-d128-gqa2"),
+    pytest.param(dict(d=64), True, id="d64"),
+    pytest.param(dict(dtype=torch.float16), True, id="fp16"),
+    pytest.param(dict(hk=1), True, id="mqa"),
+    pytest.param(dict(causal=True), True, id="causal-sk-longer"),
+    pytest.param(dict(sq=300, sk=100), True, id="noncausal-sq-longer"),
+    pytest.param(dict(causal=True, features=Features(window=(-1, 0))), True, id="causal-as-window-right0"),
+    pytest.param(dict(dk=torch.empty(2, 300, 3, 2, 128, dtype=torch.bfloat16)[:, :, 1]), True, id="dk-view-of-packed"),
+    # refused: the tl pass runs these
+    pytest.param(dict(capability=(8, 0)), False, id="sm80"),
+    pytest.param(dict(dtype=torch.float32), False, id="fp32"),
+    pytest.param(dict(d=96), False, id="d96"),
+    pytest.param(dict(sq=300, sk=100, causal=True), False, id="causal-sq-longer"),
+    pytest.param(dict(b=0), False, id="empty-batch"),
+    pytest.param(dict(sq=0), False, id="empty-seqlen-q"),
+    pytest.param(dict(softmax_scale=0.0), False, id="zero-scale"),
+    pytest.param(dict(alibi_slopes=torch.empty(1, 4)), False, id="alibi"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="bias"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8)), False, id="key-padding"),
+    pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
+                 id="varlen"),
+    pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
+    pytest.param(dict(features=Features(softcap=30.0)), False, id="softcap"),
+    pytest.param(dict(features=Features(sinks=torch.empty(4))), False, id="sinks"),
+    pytest.param(dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), False, id="dropout"),
+    pytest.param(dict(features=Features(attn_mask=torch.empty(1, 1, 200, 300, dtype=torch.bool))), False, id="attn-mask"),
+    pytest.param(dict(dout=torch.empty(2, 200, 1, 128, dtype=torch.bfloat16).expand(2, 200, 4, 128)), False, id="dout-stride0"),
+    pytest.param(dict(lse=torch.empty(2, 200, 4).transpose(1, 2)), False, id="lse-not-contiguous"),
+]
+
+
+@pytest.mark.parametrize("over, expected", SUPPORTS)
+def test_hopper_bwd_supports(over, expected):
+    assert hopper_bwd.hopper_bwd_supports(**_call(**over)) is expected
+
+
+def test_hopper_bwd_supports_asks_the_device_for_cpu_tensors():
+    args = _call()
+    del args["capability"]
+    assert hopper_bwd.hopper_bwd_supports(**args) is False
 
 
 COMPILE_CASES = [dict(d=d, causal=c, gqa=g) for d in (64, 128) for c in (False, True) for g in (1, 2)] + [

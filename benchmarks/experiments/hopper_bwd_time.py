@@ -12,9 +12,21 @@ import os
 import torch
 import triton
 
-from tritonflash.kernels import attn_bwd, attn_fwd, backward
+from tritonflash.kernels import attn_bwd, attn_fwd, backward, hopper_bwd
 
 SHAPES = [(4, 4096, 16, 128, False), (4, 4096, 16, 128, True), (16, 1024, 16, 128, False), (16, 1024, 16, 128, True)]
+
+
+CALLS = [0]
+_real_dkdv = hopper_bwd.hopper_bwd_dkdv
+
+
+def _counted_dkdv(*args, **kwargs):
+    CALLS[0] += 1
+    return _real_dkdv(*args, **kwargs)
+
+
+hopper_bwd.hopper_bwd_dkdv = _counted_dkdv
 
 
 def measure(b, s, h, d, causal) -> None:
@@ -28,7 +40,10 @@ def measure(b, s, h, d, causal) -> None:
     res = {}
     for mode in ("0", "1"):
         os.environ[backward.HOPPER_BWD_ENV] = mode  # read per call: fixed in the captured graph
+        before = CALLS[0]
         res[mode] = (triton.testing.do_bench_cudagraph(run), run())
+        # The Gluon pass must have run with the switch on (and only then): equal bits prove nothing otherwise.
+        assert (CALLS[0] > before) == (mode == "1"), f"switch {mode}: Gluon dK/dV calls {CALLS[0] - before}"
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)  # the backward's 5 matmuls (FA convention)
     dk_diff = (res["0"][1][1].float() - res["1"][1][1].float()).abs().max().item()
     dv_diff = (res["0"][1][2].float() - res["1"][1][2].float()).abs().max().item()

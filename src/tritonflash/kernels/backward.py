@@ -99,8 +99,9 @@ def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_
     The clamp hides the keys' contiguity from Triton, which then reads the [BLOCK_N, BLOCK_M]
     tile one 16-bit element at a time, unpipelined; without it the tile is read in 16-byte
     vectors and prefetched, but ptxas serialises wgmma (C7515). Measured on the H200
-    (docs/perf-notes.md, change 15): 8% faster without the clamp at 4k non-causal, 16-17%
-    slower under causal masking (its (32, 64) tiles), so only non-causal drops it."""
+    (docs/perf-notes.md, change 15): 8% faster without the clamp at 4k non-causal (1k: 1.4%
+    slower, within noise), 16-17% slower under causal masking (its (32, 64) tiles), so only
+    non-causal calls drop it (left-only windows too: not measured)."""
     q_slc, do_slc = qdo
     lse_ptr, delta_ptr, stride_stat = stats
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -410,8 +411,8 @@ def attn_bwd(
         return (triton.cdiv(seqlen_q, m["BLOCK_M"]) * batch * nheads,)
 
     hopper_bwd = _hopper_bwd_module()
-    if (hopper_bwd is not None and varlen is None and bias is None and alibi_slopes is None and key_padding_mask is None
-            and _plain(features, causal) and hopper_bwd.hopper_bwd_supports(q, k, v, dout, dk, dv, causal, softmax_scale)):
+    if hopper_bwd is not None and hopper_bwd.hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask,
+                                                                 causal, softmax_scale, varlen, features):
         hopper_bwd.hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale)
     else:
         _launch_dkdv(
@@ -463,13 +464,6 @@ def _hopper_bwd_module():
     except ImportError:
         return None
     return hopper_bwd
-
-
-def _plain(features, causal) -> bool:
-    """No score feature but causal masking (which may come as window (-1, 0))."""
-    left, right = features.window
-    return (left == -1 and right in ((-1, 0) if causal else (-1,)) and features.softcap == 0 and features.sinks is None
-            and features.dropout_p == 0 and features.attn_mask is None)
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

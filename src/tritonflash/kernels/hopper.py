@@ -466,18 +466,22 @@ def on_sm90(t: torch.Tensor, capability=None) -> bool:
     return tuple(capability) == (9, 0)
 
 
+def plain_scores(bias, key_padding_mask, varlen, features, causal) -> bool:
+    """No bias tensor, key padding, varlen or score feature but causal masking (which may come
+    as window (-1, 0)): what the Gluon kernels take (ALiBi is each kernel's own choice)."""
+    if varlen is not None or bias is not None or key_padding_mask is not None:
+        return False
+    left, right = features.window
+    if left != -1 or right not in ((-1, 0) if causal else (-1,)):
+        return False
+    return features.softcap == 0 and features.sinks is None and features.dropout_p == 0 and features.attn_mask is None
+
+
 def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
                     capability=None) -> bool:
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
     ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
-    if not on_sm90(q, capability):
-        return False
-    if varlen is not None or bias is not None or key_padding_mask is not None:
-        return False
-    left, right = features.window
-    if left != -1 or right not in ((-1, 0) if causal else (-1,)):  # causal may come as window (-1, 0)
-        return False
-    if features.softcap != 0 or features.sinks is not None or features.dropout_p != 0 or features.attn_mask is not None:
+    if not on_sm90(q, capability) or not plain_scores(bias, key_padding_mask, varlen, features, causal):
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in GL_DTYPES or not (k.dtype == v.dtype == q.dtype):
         return False

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok, on_sm90
+from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
 
 BLOCK_N = 128  # keys per CTA (two warpgroups x 64)
 HALF_N = 64  # keys per consumer warpgroup
@@ -217,20 +217,27 @@ def _hopper_attn_bwd_dkdv(
     ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
-def hopper_bwd_supports(q, k, v, dout, dk, dv, causal, softmax_scale, capability=None) -> bool:
-    """Whether ``hopper_bwd_dkdv`` computes this call's dK/dV: sm_90, fp16/bf16, head dim 64/128,
-    (batch, seqlen, heads, head dim) tensors TMA can address, causal only with
-    seqlen_k >= seqlen_q. The caller has already ruled out bias, key padding, varlen and score
-    features (``attn_bwd``)."""
-    if not on_sm90(q, capability) or q.dim() != 4 or q.dtype not in GL_DTYPES:
+def hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen,
+                        features, capability=None) -> bool:
+    """Whether ``hopper_bwd_dkdv`` computes this ``attn_bwd`` call's dK/dV (its arguments,
+    validated): sm_90 (``capability`` (major, minor), else q's device), no bias, ALiBi, key
+    padding, varlen or score feature, fp16/bf16, head dim 64/128, no empty dimension, causal
+    only with seqlen_k >= seqlen_q, (batch, seqlen, heads, head dim) tensors TMA can address and
+    a contiguous lse."""
+    if not on_sm90(q, capability) or alibi_slopes is not None:
         return False
-    if not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
+    if not plain_scores(bias, key_padding_mask, varlen, features, causal):
         return False
-    if q.shape[3] not in HEAD_DIMS or k.shape[3] != q.shape[3] or v.shape != k.shape:
+    if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
         return False
-    if causal and k.shape[1] < q.shape[1]:
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch:
         return False
-    if not softmax_scale > 0:
+    # TMA descriptors cannot have an empty dimension (the tl pass launches nothing there).
+    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
+        return False
+    if (causal and seqlen_k < seqlen_q) or not softmax_scale > 0 or not lse.is_contiguous():
         return False
     return all(_tma_ok(t) for t in (q, k, v, dout, dk, dv))
 
@@ -240,7 +247,6 @@ def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale):
     nheads, seqlen_q) fp32 contiguous (natural-log lse from the forward, delta = rowsum(o * do))."""
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    assert lse.is_contiguous() and delta.is_contiguous()
     grid = (triton.cdiv(seqlen_k, BLOCK_N) * batch * nheads_k,)
     _hopper_attn_bwd_dkdv[grid](
         q_desc=_descriptor(q, BLOCK_M),
