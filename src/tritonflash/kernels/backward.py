@@ -57,11 +57,11 @@ from .configs import (
     INTERPRET,
     Launcher,
     even_m,
-    even_n,
     prune_bwd_dbias,
     prune_bwd_dkdv,
     prune_bwd_dq,
     seq_bucket,
+    unclamped_bias,
 )
 
 
@@ -89,16 +89,16 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, lo, hi, seqlen_q, seqlen_k,
                          head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DBIAS_COLS: tl.constexpr,
-                         EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, VAR: tl.constexpr):
+                         EVEN_M: tl.constexpr, UNCLAMPED_BIAS: tl.constexpr, VAR: tl.constexpr):
     """Accumulate dK, dV (and dS column sums) of one key block over query blocks [lo, hi)
     (``qdo``: the Q and dO ``_slice``s; ``stats``: lse and delta pointers and their row stride).
     Works on transposed tiles [BLOCK_N, BLOCK_M] so that no dot result is transposed.
     ``EVEN_M``: seqlen_q is a multiple of BLOCK_M, so no query row needs a bounds check (the
     per-element checks cost ~25% of this pass at head dim 128: docs/perf-notes.md, change 8).
-    ``EVEN_N``: seqlen_k is a multiple of BLOCK_N, so the bias tile's key index needs no clamp.
-    The clamp hides the keys' contiguity from Triton, which then reads the [BLOCK_N, BLOCK_M]
-    tile one 16-bit element at a time, unpipelined; without it the tile is read in 16-byte
-    vectors and prefetched, but ptxas serialises wgmma (C7515). Measured on the H200
+    ``UNCLAMPED_BIAS`` (``configs.unclamped_bias``): seqlen_k is a multiple of BLOCK_N, so the
+    bias tile's key index needs no clamp, and there is no causal masking. The clamp hides the
+    keys' contiguity from Triton, which then reads the [BLOCK_N, BLOCK_M] tile one 16-bit
+    element at a time, unpipelined; without it the tile is read in 16-byte vectors and prefetched, but ptxas serialises wgmma (C7515). Measured on the H200
     (docs/perf-notes.md, change 15): 8% faster without the clamp at 4k non-causal (1k: 1.4%
     slower, within noise), 16-17% slower under causal masking (its (32, 64) tiles), so only
     non-causal calls drop it (left-only windows too: not measured)."""
@@ -107,7 +107,7 @@ def _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     # Keys past seqlen_k read key seqlen_k - 1 (their dK/dV rows are never stored): rows only masked.
-    if EVEN_N and not VAR.CAUSAL:
+    if UNCLAMPED_BIAS:
         bias_ptrs = _bias_ptrs(ctx, offs_m0, offs_n, TRANS=True, VAR=VAR)
     else:
         bias_ptrs = _bias_ptrs(ctx, offs_m0, tl.minimum(offs_n, seqlen_k - 1), TRANS=True, VAR=VAR)
@@ -137,7 +137,7 @@ def _attn_bwd_dkdv(
     stride_q, stride_k, stride_v, stride_dout, stride_dk, stride_dv, stride_stat, stride_dbias,
     batch, nheads_k, kv_group, seqlen_q, seqlen_k, head_dim, tune_bucket, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DBIAS_COLS: tl.constexpr, VAR: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    UNCLAMPED_BIAS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
     sp = _span(tl.cdiv(seqlen_k, BLOCK_N), batch, nheads_k, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, REVERSE=False, VAR=VAR)
@@ -169,14 +169,14 @@ def _attn_bwd_dkdv(
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, lo, full_lo,
                                                   seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS,
-                                                  EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                  EVEN_M=EVEN_M, UNCLAMPED_BIAS=UNCLAMPED_BIAS, VAR=VAR)
         dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_lo, full_hi,
                                                   seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=False, DBIAS_COLS=DBIAS_COLS,
-                                                  EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                  EVEN_M=EVEN_M, UNCLAMPED_BIAS=UNCLAMPED_BIAS, VAR=VAR)
         if VAR.MASK_BOTH_EDGES:
             dk, dv, dbias_cols = _attn_bwd_dkdv_inner(dk, dv, dbias_cols, k, v, keep, qdo, stats, ctx, start_n, offs_d, full_hi, hi,
                                                       seqlen_q, seqlen_k, head_dim, BLOCK_M, BLOCK_N, MASK=True, DBIAS_COLS=DBIAS_COLS,
-                                                      EVEN_M=EVEN_M, EVEN_N=EVEN_N, VAR=VAR)
+                                                      EVEN_M=EVEN_M, UNCLAMPED_BIAS=UNCLAMPED_BIAS, VAR=VAR)
         if DBIAS_COLS:
             dbias_ptr = DBias + sp.off_b * stride_dbias[0] + off_h * stride_dbias[1]
             tl.store(dbias_ptr + offs_n * stride_dbias[3], dbias_cols, mask=offs_n < seqlen_k)
@@ -347,8 +347,9 @@ def _attn_bwd_dbias(
                  _cast(acc, DBias.dtype.element_ty, INTERP_DBIAS_BF16), mask=(rows < seqlen_q) & (cols < seqlen_k))
 
 
-# EVEN_M/EVEN_N follow from the tile the autotuner picks, so they are set per launch, not tuning keys.
-_launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv, heuristics={"EVEN_M": even_m, "EVEN_N": even_n})
+# EVEN_M/UNCLAMPED_BIAS follow from the tile the autotuner picks, so they are set per launch, not tuning keys.
+_launch_dkdv = Launcher(_attn_bwd_dkdv, BWD_DKDV_CONFIGS, BWD_KEY, prune_bwd_dkdv,
+                        heuristics={"EVEN_M": even_m, "UNCLAMPED_BIAS": unclamped_bias})
 _launch_dq = Launcher(_attn_bwd_dq, BWD_DQ_CONFIGS, FWD_KEY, prune_bwd_dq)
 _launch_dbias = Launcher(_attn_bwd_dbias, BWD_DBIAS_CONFIGS, DBIAS_KEY, prune_bwd_dbias, heuristics={"EVEN_M": even_m})
 PRE_BLOCK_M = 64

@@ -164,9 +164,13 @@ def even_m(args):
     return not args["VAR"].IS_VARLEN and args["seqlen_q"] % args["BLOCK_M"] == 0
 
 
-def even_n(args):
-    """Every key block is full (seqlen_k a multiple of BLOCK_N); never for packed varlen keys."""
-    return not args["VAR"].IS_VARLEN and args["seqlen_k"] % args["BLOCK_N"] == 0
+def unclamped_bias(args):
+    """The dK/dV pass reads its bias tile without clamping the key index: a bias with a row
+    dimension, every key block full (seqlen_k a multiple of BLOCK_N, never packed varlen keys)
+    and no causal masking, where that measured faster (``backward._attn_bwd_dkdv_inner``).
+    False for every other launch, so that they compile one variant."""
+    var = args["VAR"]
+    return var.BIAS_ROW and not var.CAUSAL and not var.IS_VARLEN and args["seqlen_k"] % args["BLOCK_N"] == 0
 
 
 @functools.cache
