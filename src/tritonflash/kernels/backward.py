@@ -15,8 +15,6 @@ the block ranges from ``common.py``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +54,7 @@ from .configs import (
     FWD_KEY,
     INTERPRET,
     Launcher,
+    env_mode,
     even_m,
     prune_bwd_dbias,
     prune_bwd_dkdv,
@@ -454,10 +453,7 @@ def _hopper_bwd_module():
     """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) when ``TRITONFLASH_HOPPER_BWD=1``,
     else None (unset, empty or 0: off; anything else is a ValueError). Never under the
     interpreter; imported on first use."""
-    raw = os.environ.get(HOPPER_BWD_ENV, "")
-    mode = raw.strip() or "0"
-    if mode not in ("0", "1"):
-        raise ValueError(f"{HOPPER_BWD_ENV} must be 0 or 1 (or unset), got {raw!r}")
+    mode = env_mode(HOPPER_BWD_ENV, ("0", "1"), "0")
     if INTERPRET or mode == "0":
         return None
     try:

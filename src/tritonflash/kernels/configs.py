@@ -21,6 +21,17 @@ import triton
 from .tiles import TILES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def env_mode(name: str, modes: tuple, default: str) -> str:
+    """The value of switch ``name`` (read per call): one of ``modes``, case and surrounding
+    spaces ignored, ``default`` when unset or empty; anything else is a ValueError naming it."""
+    raw = os.environ.get(name, "")
+    mode = raw.strip().lower() or default
+    if mode not in modes:
+        choices = ", ".join(modes[:-1]) + " or " + modes[-1]
+        raise ValueError(f"{name} must be {choices} (or unset), got {raw!r}")
+    return mode
 AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "0") == "1" and not INTERPRET
 
 # The autotuner also appends the dtype of every tensor argument to the key. ``tune_bucket``

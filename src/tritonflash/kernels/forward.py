@@ -3,8 +3,6 @@ an online softmax; stores the output and the log-sum-exp (natural log) per row."
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +31,7 @@ from .common import (
     launch_meta,
     problem,
 )
-from .configs import FWD_CONFIGS, FWD_KEY, INTERPRET, Launcher, prune_fwd, seq_bucket
+from .configs import FWD_CONFIGS, FWD_KEY, INTERPRET, Launcher, env_mode, prune_fwd, seq_bucket
 
 
 @triton.jit
@@ -150,10 +148,7 @@ def _hopper_module(head_dim: int):
     never (case and surrounding spaces ignored; anything else is a ValueError). Never under the
     interpreter, None where Gluon cannot be imported. Imported on first use, so that
     ``import tritonflash`` does not need Gluon."""
-    raw = os.environ.get(HOPPER_ENV, "")
-    mode = raw.strip().lower() or "auto"
-    if mode not in ("0", "1", "auto"):
-        raise ValueError(f"{HOPPER_ENV} must be 0, 1 or auto (or unset), got {raw!r}")
+    mode = env_mode(HOPPER_ENV, ("0", "1", "auto"), "auto")
     if INTERPRET or mode == "0":
         return None
     try:
