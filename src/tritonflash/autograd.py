@@ -154,14 +154,6 @@ class Layout(NamedTuple):
     n_primals: int
     unpack: object  # primals -> (q, k, v) views
 
-    @property
-    def fwd(self):
-        return getattr(torch.ops.tritonflash, "fwd" + self.name)
-
-    @property
-    def bwd(self):
-        return getattr(torch.ops.tritonflash, "bwd" + self.name)
-
     def forward(self, *args):
         """The forward op on ``args``; in eager mode its implementation without the dispatcher
         (checks.needs_dispatch: same computation, tens of microseconds less a call)."""
