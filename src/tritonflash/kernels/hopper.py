@@ -98,6 +98,9 @@ GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 PRODUCER_WARPS = 1
 PRODUCER_REGS = 24
 CONSUMER_REGS = 240  # the worker consumer; the default partition keeps what setmaxnreg leaves
+# The launch options of a kernel with this partition layout (producer warp, two consumer
+# warpgroups): the backward's Gluon pass (hopper_bwd.py) uses the same.
+WARP_SPECIALISED = dict(P_WARPS=PRODUCER_WARPS, P_REGS=PRODUCER_REGS, C_REGS=CONSUMER_REGS, num_warps=4)
 LOG2E = 1.4426950408889634
 L2_BYTES_DEFAULT = 50 * 1024 * 1024  # H100/H200; a compile-only run has no device to ask
 # Smallest softmax_scale taken (hopper_supports): the kernel divides the ALiBi slope by the scale,
@@ -573,9 +576,6 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
         qk_scale=float(softmax_scale) * LOG2E,
         CAUSAL=bool(causal),
         ALIBI=alibi_slopes is not None,
-        P_WARPS=PRODUCER_WARPS,
-        P_REGS=PRODUCER_REGS,
-        C_REGS=CONSUMER_REGS,
-        num_warps=4,
+        **WARP_SPECIALISED,
     )
     return out, lse

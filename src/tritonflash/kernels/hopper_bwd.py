@@ -41,17 +41,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
+from .hopper import GL_DTYPES, LOG2E, WARP_SPECIALISED, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
 
 BLOCK_N = 128  # keys per CTA (two warpgroups x 64)
 HALF_N = 64  # keys per consumer warpgroup
 BLOCK_M = 64  # query rows per step
 STAGES = gl.constexpr(2)
 HEAD_DIMS = (64, 128)
-PRODUCER_WARPS = 1
-PRODUCER_REGS = 24
-CONSUMER_REGS = 240
-LOG2E = 1.4426950408889634
 
 
 @gluon.jit
@@ -265,9 +261,6 @@ def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale):
         qk_scale=float(softmax_scale) * LOG2E,
         sm_scale=float(softmax_scale),
         CAUSAL=bool(causal),
-        P_WARPS=PRODUCER_WARPS,
-        P_REGS=PRODUCER_REGS,
-        C_REGS=CONSUMER_REGS,
-        num_warps=4,
+        **WARP_SPECIALISED,
     )
     return dk, dv
