@@ -7,9 +7,10 @@ for sm_90a (stand-in driver, one subprocess for every variant) within shared mem
 spills. GPU tier (sm_90 only): flash_attn_func with ``TRITONFLASH_HOPPER_FWD=1`` (every covered
 head dim) and with the default dispatch against the reference (docs/testing.md's rule), out, lse
 and the gradients of the ``tl`` backward that consumes this forward's lse, with a spy asserting
-whether the Hopper kernel ran. The GPU smoke tests
-come first (short and partial query blocks: a barrier hang shows early), and a strict xfail
-carries the known causal invisible-key deviation (docs/semantics.md).
+whether the Hopper kernel ran; with key padding too (right and random padding, rows without a
+key, NaN/inf in padded K and V). The GPU smoke tests come first (short and partial query
+blocks: a barrier hang shows early), and a strict xfail carries the known causal invisible-key
+deviation (docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def _slopes(nheads, batch=None):
     return slopes * torch.linspace(0.5, 2.0, batch, device=DEVICE)[:, None]
 
 
+def _padding(batch, seqlen_k, kind):
+    """A (batch, seqlen_k) bool key padding mask (True = keep). 'right': right padding with a
+    different length per batch entry (the last one keeps every key); 'random': each key kept
+    with probability 0.7, and key 0 padded (the first key block may leave a row without a key)."""
+    if kind == "right":
+        lengths = torch.tensor([max(1, seqlen_k * (i + 1) // batch) for i in range(batch)], device=DEVICE)
+        return torch.arange(seqlen_k, device=DEVICE)[None, :] < lengths[:, None]
+    mask = torch.rand(batch, seqlen_k, device=DEVICE) > 0.3
+    mask[:, 0] = False
+    return mask
+
+
 def _check_forward(hopper_calls, q, k, v, calls=1, grads=False, **kwargs):
     """flash_attn_func(q, k, v, **kwargs) with the lse against the reference (docs/testing.md's
     rule), and the gradients when ``grads``; the Hopper path must have been taken ``calls`` times."""
@@ -92,6 +105,16 @@ def test_smoke_short_and_partial_query_blocks(hopper_calls, seqlen_q, seqlen_k, 
     loaded and q_bar expects one half's bytes; a wrong count hangs here."""
     q, k, v = make_qkv(1, seqlen_q, seqlen_k, 2, 64, torch.bfloat16, DEVICE, requires_grad=False)
     _check_forward(hopper_calls, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("seqlen_q, seqlen_k, causal", SMOKE, ids=[f"sq{q}-sk{k}-{'causal' if c else 'noncausal'}" for q, k, c in SMOKE])
+def test_smoke_key_padding(hopper_calls, seqlen_q, seqlen_k, causal):
+    """The same shapes with key padding: the V-zeroing path has a warpgroup barrier inside a
+    branch that every warp of the group must take alike."""
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 2, 64, torch.bfloat16, DEVICE, requires_grad=False)
+    _check_forward(hopper_calls, q, k, v, causal=causal, key_padding_mask=_padding(2, seqlen_k, "random"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +157,15 @@ SUPPORTS = [
     pytest.param(dict(q=_strided((2, 200, 4, 128), 8)), True, id="q-row-padding-16B"),
     pytest.param(dict(b=1, q=torch.empty(200 * 4 * 128, dtype=torch.bfloat16).as_strided((1, 200, 4, 128), (1, 512, 128, 1))),
                  True, id="batch1-any-batch-stride"),
+    # key padding: attn_fwd's (batch, seqlen_k) uint8 view of the bool mask, any batch stride
+    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8)), True, id="key-padding"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8), causal=True,
+                      alibi_slopes=torch.empty(2, 4)), True, id="key-padding-causal-alibi"),
+    pytest.param(dict(key_padding_mask=torch.empty(1, 300, dtype=torch.uint8).expand(2, 300)), True,
+                 id="key-padding-batch-stride0"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 320, dtype=torch.uint8)[:, :300]), True, id="key-padding-row-stride"),
+    pytest.param(dict(sk=1, key_padding_mask=torch.empty(4, dtype=torch.uint8).as_strided((2, 1), (1, 3))), True,
+                 id="key-padding-one-key-any-stride"),
     # refused: the tl kernel runs these
     pytest.param(dict(capability=(8, 0)), False, id="sm80"),
     pytest.param(dict(capability=(10, 0)), False, id="sm100"),
@@ -147,7 +179,12 @@ SUPPORTS = [
     pytest.param(dict(softmax_scale=hopper.MIN_SOFTMAX_SCALE / 2), False, id="scale-below-min"),
     pytest.param(dict(softmax_scale=1e-300), False, id="scale-underflows-fp32"),
     pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="bias"),
-    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8)), False, id="key-padding"),
+    pytest.param(dict(key_padding_mask=torch.empty(300, 2, dtype=torch.uint8).T), False, id="key-padding-column-stride"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.bool)), False, id="key-padding-bool"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 299, dtype=torch.uint8)), False, id="key-padding-shape"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 1, 300, dtype=torch.uint8)), False, id="key-padding-rank3"),
+    pytest.param(dict(sq=300, sk=200, causal=True, key_padding_mask=torch.empty(2, 200, dtype=torch.uint8)), False,
+                 id="key-padding-causal-sq-longer"),
     pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
                  id="varlen"),
     pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
@@ -171,6 +208,13 @@ SUPPORTS = [
 @pytest.mark.parametrize("over, expected", SUPPORTS)
 def test_hopper_supports(over, expected):
     assert hopper.hopper_supports(**_call(**over)) is expected
+
+
+def test_plain_scores_still_refuses_key_padding():
+    """The forward checks a mask itself; plain_scores, which the backward's Gluon pass uses too,
+    keeps refusing one."""
+    assert hopper.plain_scores(None, None, None, NO_FEATURES, False) is True
+    assert hopper.plain_scores(None, torch.empty(2, 300, dtype=torch.uint8), None, NO_FEATURES, False) is False
 
 
 def test_hopper_supports_asks_the_device_for_cpu_tensors():
@@ -262,17 +306,21 @@ def test_import_does_not_load_the_gluon_module():
 # CPU tier: the kernel compiles for sm_90a
 # --------------------------------------------------------------------------------------------
 
-# Every compiled variant: (head dim, causal, ALiBi) in all combinations, bf16, half of them with
-# GQA (kv_group 1 and > 1 compile apart: Triton specialises integers equal to 1), and fp16 once.
-# seqlens 200/300: not multiples of the tiles, and seqlen_k > seqlen_q for the causal offset.
+# Every compiled variant: (head dim, causal, ALiBi, key padding) in all combinations, bf16, half
+# of them with GQA (kv_group 1 and > 1 compile apart: Triton specialises integers equal to 1),
+# and fp16 once without and once with key padding. seqlens 200/300: not multiples of the tiles,
+# and seqlen_k > seqlen_q for the causal offset.
 COMPILE_CASES = [
     dict(d=d, causal=c, alibi=a, gqa=2 if c == a else 1) for d in (64, 128) for c in (False, True) for a in (False, True)
-] + [dict(d=128, causal=True, alibi=False, gqa=4, dtype="float16")]
+] + [dict(d=128, causal=True, alibi=False, gqa=4, dtype="float16")] + [
+    dict(d=d, causal=c, alibi=a, gqa=1 if c == a else 2, kpm=True) for d in (64, 128) for c in (False, True) for a in (False, True)
+] + [dict(d=128, causal=True, alibi=True, gqa=4, dtype="float16", kpm=True)]
 
 
 def _case_id(c):
     return (f"d{c['d']}" + ("-causal" if c["causal"] else "") + ("-alibi" if c["alibi"] else "") +
-            (f"-gqa{c['gqa']}" if c["gqa"] > 1 else "") + ("-fp16" if c.get("dtype") == "float16" else ""))
+            ("-kpm" if c.get("kpm") else "") + (f"-gqa{c['gqa']}" if c["gqa"] > 1 else "") +
+            ("-fp16" if c.get("dtype") == "float16" else ""))
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +459,117 @@ def test_default_dispatch(default_calls, monkeypatch, mode, head_dim):
     q, k, v = make_qkv(2, 1000, 1100, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
     takes = mode is None and head_dim in hopper.DEFAULT_HEAD_DIMS
     _check_forward(default_calls, q, k, v, calls=int(takes), grads=True, causal=True, alibi_slopes=_slopes(6))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU tier (sm_90): key padding
+# --------------------------------------------------------------------------------------------
+
+# seqlens not multiples of the tiles, seqlen_q = 1, seqlen_k < 128, seqlen_k > seqlen_q
+KPM_SEQLENS = [(300, 300), (1, 200), (200, 1000), (1000, 1000), (64, 77), (128, 128)]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("kind", ["right", "random"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", KPM_SEQLENS, ids=[f"sq{q}-sk{k}" for q, k in KPM_SEQLENS])
+def test_key_padding_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
+    """GQA (6 heads, 2 k/v heads), per-batch ALiBi slopes, three batch entries with their own padding."""
+    q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
+    slopes = _slopes(6, batch=3) if alibi else None
+    _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=_padding(3, seqlen_k, kind))
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("kind", ["right", "random"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(300, 300), (200, 1000)], ids=["sq300-sk300", "sq200-sk1000"])
+def test_key_padding_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
+    """The tl backward recomputes P from the Hopper forward's lse, key padding included."""
+    q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
+    slopes = _slopes(6) if alibi else None
+    _check_forward(hopper_calls, q, k, v, grads=True, causal=causal, alibi_slopes=slopes,
+                   key_padding_mask=_padding(3, seqlen_k, kind))
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_key_padding_rows_without_a_key(hopper_calls, head_dim, causal, alibi):
+    """docs/semantics.md, fully masked rows: output 0, lse -inf, zero gradients, never NaN.
+    Batch entry 0 pads every key. Entry 1 keeps keys 200.. only: the first key block leaves
+    every row without a key (the running max is -inf until block 1), and under causal rows
+    0..199 never see one."""
+    sq = sk = 300
+    q, k, v = make_qkv(2, sq, sk, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
+    mask = torch.zeros(2, sk, dtype=torch.bool, device=DEVICE)
+    mask[1, 200:] = True
+    slopes = _slopes(6) if alibi else None
+    out, lse = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, return_lse=True)
+    assert len(hopper_calls) == 1
+    assert not out.isnan().any() and not lse.isnan().any()
+    dead = 200 if causal else 0  # rows of entry 1 without a key
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+    assert (out[1, :dead] == 0).all() and (lse[1, :, :dead] == float("-inf")).all()
+    assert torch.isfinite(lse[1, :, dead:]).all()
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for g in (dq, dk, dv):
+        assert not g.isnan().any()
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert (dq[1, :dead] == 0).all() and (dk[1, :200] == 0).all() and (dv[1, :200] == 0).all()
+    check_against_reference(out, q, k, v, dout, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, lse=lse)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_key_padding_nonfinite_padded_kv(hopper_calls, head_dim, causal, alibi):
+    """docs/semantics.md, invisible keys: padded keys never affect a row whatever K and V hold
+    there. A KV cache whose padded slots hold NaN, inf and -inf gives exactly the output and lse
+    of one whose padded slots hold finite values. Padding at the end (right, one length per
+    entry) and inside (keys 100..139: part of block 0, across the boundary into block 1)."""
+    b, sq, sk = 3, 300, 1000
+    q, k, v = make_qkv(b, sq, sk, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
+    mask = _padding(b, sk, "right")
+    mask[:, 100:140] = False
+    pad = ~mask
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[pad], v_bad[pad] = float("nan"), float("inf")
+    odd = torch.zeros_like(pad)
+    odd[:, 1::2] = True
+    k_bad[pad & odd], v_bad[pad & odd] = float("-inf"), float("nan")
+    slopes = _slopes(6, batch=b) if alibi else None
+    clean, lse_clean = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, return_lse=True)
+    poisoned, lse_poisoned = flash_attn_func(q, k_bad, v_bad, causal=causal, alibi_slopes=slopes, key_padding_mask=mask,
+                                             return_lse=True)
+    assert len(hopper_calls) == 2
+    assert not poisoned.isnan().any()
+    assert torch.equal(clean, poisoned) and torch.equal(lse_clean, lse_poisoned)
+    check_against_reference(clean, q, k, v, None, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, lse=lse_clean,
+                            check_grads=False)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_padding_default_dispatch_fp16(default_calls, causal):
+    """TRITONFLASH_HOPPER_FWD unset: a key padding call at head dim 128 takes the Hopper kernel
+    (fp16, q/k/v as (b, h, s, d) transposed, with the gradients)."""
+    q, k, v = (torch.randn(2, h, s, 128, dtype=torch.float16, device=DEVICE).transpose(1, 2).requires_grad_()
+               for h, s in ((6, 1000), (2, 1100), (2, 1100)))
+    _check_forward(default_calls, q, k, v, grads=True, causal=causal, alibi_slopes=_slopes(6),
+                   key_padding_mask=_padding(2, 1100, "random"))
 
 
 @pytest.mark.gpu

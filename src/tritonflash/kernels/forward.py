@@ -173,7 +173,7 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
     hopper = _hopper_module(q.shape[-1])
     if hopper is not None and hopper.hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
                                                      varlen, features):
-        return hopper.hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=out)
+        return hopper.hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=out, key_padding_mask=key_padding_mask)
     pb = problem(q, k, varlen)
     if out is None:
         out = torch.empty_like(q)

@@ -19,8 +19,8 @@ Structure (one CTA per 128 query rows of one (batch, head)):
   completed), so that one warpgroup's softmax overlaps the other's matmuls;
 - key blocks: block 0 peeled (an async wgmma token cannot flow through an if/else in Gluon 3.6)
   and always masked, then [1, n_full) unmasked and [max(n_full, 1), n_end) masked: the causal
-  diagonal and a partial last block. Causal CTAs run longest first within sections of heads
-  whose K/V fit in L2;
+  diagonal and a partial last block (every block with key padding). Causal CTAs run longest
+  first within sections of heads whose K/V fit in L2;
 - epilogue: O / l written through the warpgroup's own Q buffer and a TMA store, lse by a
   masked store.
 
@@ -38,16 +38,26 @@ see below; such rows are never stored, and lse is stored under a row mask). The 
 per dimension, so no int32 offset overflows.
 
 Covered (``hopper_supports``): sm_90, fp16/bf16, head dim 64/128, GQA/MQA, causal (with
-seqlen_k >= seqlen_q, so every row sees key 0) or not, ALiBi or not, softmax_scale > 0 (the
-running max is taken on unscaled scores) and at least MIN_SOFTMAX_SCALE = 2^-32 (see below),
-TMA-compatible strides. Not covered: bias, key padding, varlen, window, softcap, sinks, dropout,
-attn_mask.
+seqlen_k >= seqlen_q, so that without key padding every row sees key 0) or not, ALiBi or not,
+key padding or not, softmax_scale > 0 (the running max is taken on unscaled scores) and at
+least MIN_SOFTMAX_SCALE = 2^-32 (see below), TMA-compatible strides. Not covered: bias, varlen,
+window, softcap, sinks, dropout, attn_mask.
+
+Key padding (KPM, a (batch, seqlen_k) uint8 mask, nonzero = keep): every key block is masked
+(n_full = 0). Each consumer warpgroup reads a block's 128 mask bytes as four int32 bit words
+(_kpm_words; keys past seqlen_k are 0) while its S wgmma runs, masks S with one select a score
+(_drop_padded, whatever K holds), and before the block's PV wgmma zeroes the padded keys' rows
+of the V stage in shared memory (_zero_padded_keys: only blocks and 32-row slices that have
+one; 0 * NaN would be NaN in the wgmma), so NaN/inf in padded K or V never reaches a row. The
+online softmax is -inf-safe in this variant only (_finite_max, l = 0 -> 1): a row with no
+visible key gets output 0 and lse -inf (docs/semantics.md). KPM=False compiles to the same PTX
+as before the mask was added (separate partition functions, so KPM stays a real constexpr).
 
 Known difference from docs/semantics.md ("Invisible keys"), documented there: under causal, a
 non-finite V in a key that a row cannot see but a later row of the same 128-key block can see
 reaches that row as 0 * inf = NaN (the ``tl`` kernel zeroes such values in its masked blocks).
-Keys past seqlen_k are safe (TMA zero-fills them). tests/test_hopper_fwd.py carries it as a
-strict xfail.
+Keys past seqlen_k are safe (TMA zero-fills them), and so are padded keys (zeroed, above).
+tests/test_hopper_fwd.py carries it as a strict xfail.
 
 ALiBi in q.k units, c = slope / softmax_scale (times log2 e, divided by qk_scale): non-causal,
 the kernel subtracts c * |i + sk - sq - j| from q.k before scaling; causal, it adds the column
@@ -144,10 +154,11 @@ def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr):
+def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr, KPM: gl.constexpr):
     """(n_full, n_end) for the query rows [m0, m0 + BM): key blocks [0, n_full) are visible to
     every row and end before seqlen_k (no mask), [n_full, n_end) partly (masked); blocks from
-    n_end on are skipped. n_end >= 1: every row sees key 0 (causal needs seqlen_k >= seqlen_q)."""
+    n_end on are skipped. n_end >= 1: without KPM every row sees key 0 (causal needs seqlen_k >=
+    seqlen_q); with KPM (a key padding mask) any key may be padded, so every block is masked."""
     n_end = (seqlen_k + BN - 1) // BN
     n_full = seqlen_k // BN
     if CAUSAL:
@@ -157,6 +168,8 @@ def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAU
         last = gl.minimum(m0 + BM, seqlen_q) - 1
         n_end = gl.minimum(n_end, (last + off) // BN + 1)
         n_full = gl.minimum(n_full, (m0 + off + 1) // BN)
+    if KPM:
+        n_full = n_full * 0
     return n_full, n_end
 
 
@@ -236,6 +249,113 @@ def _tma_box(buf):
 
 
 @gluon.jit
+def _kpm_words(kpm, n0, seqlen_k, BN: gl.constexpr):
+    """Which keys n0 .. n0 + BN - 1 a row may see by the key padding mask and seqlen_k, as four
+    int32 words (a tuple of scalars, the same in every thread): bit i of word w is key
+    n0 + 32 w + i, 1 = kept; keys past seqlen_k are 0. kpm: (the (batch, seqlen_k) uint8 mask,
+    nonzero = keep, unit stride; the int64 offset of this sequence's row).
+
+    Each warp reads the BN bytes itself (4 a lane, the layout replicated over the warps) and
+    sums disjoint bits across its lanes: no shared memory, no barrier. Bits rather than the
+    bytes in the score layout, where each thread holds 32 columns: 32 more live registers in the
+    softmax made d128 spill. (The row offset is added to the integer offset, not to the pointer
+    beforehand: a lane's ``base + 4 * lane`` was hoisted out of the partition and spilled.)"""
+    gl.static_assert(BN == 128, "four 32-bit words")
+    # (word, bit) -> key 32 word + bit: lane i holds bit i of the four words, in its registers;
+    # the warps hold copies (the layout's 16 rows over a 4-row tensor).
+    layout: gl.constexpr = gl.BlockedLayout([4, 1], [1, 32], [4, 1], [1, 0])
+    word = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(1, layout)), 1)
+    bit = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, layout)), 0)
+    keys = word * 32 + bit
+    base, row = kpm
+    keep = gl.load(base + (row + (n0 + keys)), mask=keys < seqlen_k - n0, other=0) != 0
+    # Bit 31 is the sign bit: the sums wrap, and the bits are disjoint, so they are ORs.
+    words = gl.sum(gl.where(keep, 1 << bit, 0), axis=1)  # (4,), every word in each thread
+    w = gl.arange(0, 4, layout=gl.SliceLayout(1, layout))
+    return (gl.sum(gl.where(w == 0, words, 0), axis=0), gl.sum(gl.where(w == 1, words, 0), axis=0),
+            gl.sum(gl.where(w == 2, words, 0), axis=0), gl.sum(gl.where(w == 3, words, 0), axis=0))
+
+
+@gluon.jit
+def _drop_padded(sc, words, n0, row0, CAUSAL: gl.constexpr):
+    """The scores sc (rows, BN keys n0 ..) with -inf where a row cannot see the key: dropped by
+    ``words`` (_kpm_words: padded or past seqlen_k) or, under CAUSAL, past the diagonal (rows
+    as in _score_mod, row0 = i + seqlen_k - seqlen_q of the first). One select a score, so a
+    NaN or inf score of a padded key (from its K) never gets through. Causal: a dropped key's
+    column index becomes +inf, so that one comparison with the diagonal drops it too."""
+    HM: gl.constexpr = sc.shape[0]
+    BN: gl.constexpr = sc.shape[1]
+    layout: gl.constexpr = sc.type.layout
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    w0, w1, w2, w3 = words
+    w = gl.where(cols < 64, gl.where(cols < 32, w0, w1), gl.where(cols < 96, w2, w3))
+    keep = ((w >> (cols % 32)) & 1) != 0
+    if CAUSAL:
+        colf = gl.where(keep, cols.to(gl.float32), float("inf"))
+        rows = (row0 - n0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))).to(gl.float32)
+        sc = gl.where(gl.expand_dims(rows, 1) - gl.expand_dims(colf, 0) >= 0.0, sc, float("-inf"))
+    else:
+        sc = gl.where(gl.expand_dims(keep, 0), sc, float("-inf"))
+    return sc
+
+
+@gluon.jit
+def _finite_max(m):
+    """The running max with -inf (a row that has seen no visible key yet) as 0: subtracted in the
+    exponentials, exp2(-inf - 0) = 0 where exp2(-inf - -inf) would be NaN."""
+    return gl.where(m == float("-inf"), 0.0, m)
+
+
+@gluon.jit
+def _padded_bits(w, lim, i: gl.constexpr):
+    """The keys 32 i .. 32 i + 31 of a block that are below ``lim`` (seqlen_k - n0) but dropped
+    by word ``w`` of its _kpm_words: the padded keys, as bits."""
+    n = gl.minimum(gl.maximum(lim - 32 * i, 0), 32)
+    return ~w & gl.where(n >= 32, -1, (1 << gl.minimum(n, 31)) - 1)
+
+
+@gluon.jit
+def _zero_padded_keys(v, words, lim):
+    """Zero the rows of the V tile ``v`` (shared memory, BN keys by head dim) whose keys the
+    padding mask drops (``words`` from _kpm_words; lim = seqlen_k - n0, the rows from lim on
+    are TMA's zeros already), before a PV wgmma reads it: P is 0 there, but 0 * NaN (or inf) in
+    the matmul is NaN, and a padded key's V may hold anything (a KV cache from torch.empty).
+    Called by all 4 warps of one consumer warpgroup, after the stage's V-ready wait.
+
+    The checks are on the words, the same in every thread: a block without a padded key costs
+    a few scalar operations, and only the 32-row slices (one word) with one are rewritten (load,
+    zero the padded rows, store: 32 / 16 values a thread at d128 / d64; Triton puts a barrier
+    before each load and each store, as the slices share an allocation). Then a proxy fence
+    (generic-proxy writes before the async-proxy wgmma read) and a warpgroup barrier (each
+    warp's wgmma reads rows that the other warps wrote).
+
+    Both consumer warpgroups do this for the same stage, unsynchronised: one may rewrite rows
+    while the other's wgmma reads them. That is benign: each group reads the stage only after
+    its own zeroing, so a padded row then already holds zeros and a kept row the TMA's values,
+    and the other group's stores write exactly those bytes again (zeros, or the values it
+    loaded, which nobody changes). The producer refills the stage only after both groups
+    released it (empty barrier, after their PV wgmma)."""
+    BN: gl.constexpr = v.shape[0]
+    D: gl.constexpr = v.shape[1]
+    ROWS: gl.constexpr = 32  # one word a slice
+    VEC: gl.constexpr = 8  # 16-bit values: 16 bytes a thread, a vector of the 128B swizzle
+    w0, w1, w2, w3 = words
+    pad = (_padded_bits(w0, lim, 0), _padded_bits(w1, lim, 1), _padded_bits(w2, lim, 2), _padded_bits(w3, lim, 3))
+    if (pad[0] | pad[1] | pad[2] | pad[3]) != 0:
+        rows_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // (D // VEC), D // VEC], [4, 1], [1, 0])
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
+        for r0 in gl.static_range(0, BN, ROWS):
+            bits = pad[r0 // ROWS]
+            if bits != 0:
+                tile = v.slice(r0, ROWS)
+                x = tile.load(rows_layout)
+                drop = ((bits >> rows) & 1) != 0
+                tile.store(gl.where(gl.expand_dims(drop, 1), gl.zeros_like(x), x))
+        fence_async_shared()
+        gl.thread_barrier()
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q):
     HM: gl.constexpr = q_smem.shape[1]
     NS: gl.constexpr = k_smem.shape[0]
@@ -262,19 +382,30 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_ba
 
 
 @gluon.jit
-def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, MASK: gl.constexpr,
-             CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, MASK: gl.constexpr,
+             CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr):
     """Key block j >= 1 of one consumer warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued
     back to back, softmax of S_j while the PV wgmma runs. ``ring``: (k_smem, v_smem, k_bar,
     v_bar, empty_bar, turn_bar); ``state``: (acc, p, m_i, l_i) with p the probabilities of block
-    j - 1 on entry and of block j on return (its PV is the next step's, or the epilogue's)."""
+    j - 1 on entry and of block j on return (its PV is the next step's, or the epilogue's).
+    KPM (a real constexpr, see _consumer0_kpm): ``kpm`` is as in _consumer, and ``state``
+    carries a fifth entry, the mask words (_kpm_words) of p's block: its padded keys' V rows are
+    zeroed before its PV, and those of block j are masked in S_j."""
     k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar = ring
-    acc, p, m_i, l_i = state
+    if KPM:
+        acc, p, m_i, l_i, words = state
+    else:
+        acc, p, m_i, l_i = state
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     s = j % NS
     sp = (j - 1) % NS  # stage of block j - 1
+    if KPM:
+        # Before this warpgroup's turn (the other's matmuls run meanwhile) and before S_j holds
+        # registers. V_{j-1} was loaded before K_j; the second wait below passes at once.
+        mbarrier.wait(v_bar.index(sp), ((j - 1) // NS) & 1)
+        _zero_padded_keys(v_smem.index(sp), words, seqlen_k - (j - 1) * BN)
     mbarrier.wait(k_bar.index(s), (j // NS) & 1)
     # Turn j of this warpgroup: WG0 starts, WG1 waits for WG0's issue of the same block.
     mbarrier.wait(turn_bar.index(WG), (j + 1 - WG) & 1)
@@ -282,28 +413,48 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
     mbarrier.wait(v_bar.index(sp), ((j - 1) // NS) & 1)
     acc_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
     mbarrier.arrive(turn_bar.index(1 - WG), count=1)
+    if KPM:
+        words = _kpm_words(kpm, j * BN, seqlen_k, BN)  # while S_j runs
     # S_j done; the PV wgmma issued after it may still run (wgmma groups complete in order).
     sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-    sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI, CAUSAL)
-    # m_i is finite (every row sees key 0, in block 0), so a row that sees no key of block j
-    # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
+    if KPM:
+        # The words drop the keys past seqlen_k too: only the causal mask is left to _score_mod.
+        sc = _drop_padded(_score_mod(sc, j * BN, row0, seqlen_k, alibi_c, False, CAUSAL, ALIBI, CAUSAL), words, j * BN, row0, CAUSAL)
+    else:
+        sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI, CAUSAL)
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
-    alpha = gl.exp2(m_i - m_new)
+    if KPM:
+        # A row may have seen no visible key yet (m_new = m_i = -inf): subtract 0 instead, so
+        # pf = 0 and alpha = exp2(-inf) = 0 (acc and l_i are 0 then), never -inf - -inf = NaN.
+        m_safe = _finite_max(m_new)
+        pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_safe, 1))
+        alpha = gl.exp2(m_i - m_safe)
+    else:
+        # m_i is finite (every row sees key 0, in block 0), so a row that sees no key of block j
+        # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
+        pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(pf, axis=1)
     p_next = gl.convert_layout(pf.to(q.dtype), p.type.layout)
     acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p))
     gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
     mbarrier.arrive(empty_bar.index(sp), count=1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-    return acc, p_next, m_new, l_i
+    if KPM:
+        return acc, p_next, m_new, l_i, words
+    else:
+        return acc, p_next, m_new, l_i
 
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full,
-              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+              KPM: gl.constexpr):
     """One consumer warpgroup. ``alibi``: the ALiBi slope in q.k units (fp32), or a pointer to
-    the slope, which this warpgroup then reads itself (see _hopper_attn_fwd)."""
+    the slope, which this warpgroup then reads itself (see _hopper_attn_fwd). ``kpm``: under
+    KPM (the key padding mask's pointer, the int64 offset of this sequence's row), else None.
+    KPM is a real constexpr (_consumer0_kpm passes it as a literal; the partition flags CAUSAL
+    and ALIBI arrive as i1)."""
     HM: gl.constexpr = q_smem.shape[1]
     D: gl.constexpr = q_smem.shape[2]
     NS: gl.constexpr = k_smem.shape[0]
@@ -334,27 +485,48 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     mbarrier.wait(turn_bar.index(WG), (1 - WG) & 1)
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.arrive(turn_bar.index(1 - WG), count=1)
+    if KPM:
+        words = _kpm_words(kpm, 0, seqlen_k, BN)
     sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI, CAUSAL)
-    m_i = gl.max(sc, axis=1) * qk_scale
-    pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
+    if KPM:
+        # Key 0 may be padded: a row may see no key of block 0 (m_i = -inf, pf = 0, l_i = 0).
+        sc = _drop_padded(_score_mod(sc, 0, row0, seqlen_k, alibi_c, False, CAUSAL, ALIBI, CAUSAL), words, 0, row0, CAUSAL)
+        m_i = gl.max(sc, axis=1) * qk_scale
+        pf = gl.exp2(sc * qk_scale - gl.expand_dims(_finite_max(m_i), 1))
+    else:
+        sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI, CAUSAL)
+        m_i = gl.max(sc, axis=1) * qk_scale
+        pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(pf, axis=1)
-    state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i)
+    if KPM:
+        state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i, words)
+    else:
+        state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i)
 
     ring = (k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar)
     for j in range(1, n_full):
-        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, False, CAUSAL, ALIBI)
+        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, False, CAUSAL, ALIBI, KPM)
     for j in range(gl.maximum(n_full, 1), n_end):
-        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, True, CAUSAL, ALIBI)
-    acc, p, m_i, l_i = state
+        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, True, CAUSAL, ALIBI, KPM)
+    if KPM:
+        acc, p, m_i, l_i, words = state
+    else:
+        acc, p, m_i, l_i = state
 
     # The last block's PV.
     sl = (n_end - 1) % NS
     mbarrier.wait(v_bar.index(sl), ((n_end - 1) // NS) & 1)
+    if KPM:
+        _zero_padded_keys(v_smem.index(sl), words, seqlen_k - (n_end - 1) * BN)
     acc = warpgroup_mma(p, v_smem.index(sl), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    if KPM:
+        # A row with no visible key (every key padded, or none it can see kept): l_i = 0 and
+        # acc = 0 (every P is 0, padded V rows zeroed): output 0, lse -inf (docs/semantics.md).
+        out = acc / gl.expand_dims(gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_layout)), 1)
+    else:
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
     LN2: gl.constexpr = 0.6931471805599453
     lse2 = m_i + gl.log2(l_i)
     if CAUSAL and ALIBI:
@@ -363,6 +535,8 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
         r = gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout)).to(gl.float32)
         lse2 = lse2 - (alibi_c * qk_scale) * r
     lse = lse2 * LN2
+    if KPM:
+        lse = gl.where(l_i == 0.0, float("-inf"), lse)  # m_i + log2(0) is -inf too: explicit, not left to lg2.approx
     rows = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
     gl.store(lse_ptr + lse_off + rows, lse, mask=rows < seqlen_q)
     # Q of this warpgroup is no longer read: its buffer stages O for the TMA store, which drops
@@ -377,23 +551,43 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
 def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
                seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, CAUSAL, ALIBI, False)
 
 
 @gluon.jit
 def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
                seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, CAUSAL, ALIBI, False)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section"])
+# The consumers of the key padding variant: separate partition functions, so that KPM reaches
+# _consumer as a literal constexpr (a flag passed through warp_specialize arrives as a constant
+# i1, and both branches of `if KPM` would be built, the kpm ones with kpm = None), and so that
+# the variants without KPM capture exactly what they did before (their PTX is unchanged).
+@gluon.jit
+def _consumer0_kpm(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+                   lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI, True)
+
+
+@gluon.jit
+def _consumer1_kpm(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+                   lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI, True)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section", "stride_kpm_b"])
 def _hopper_attn_fwd(
     q_desc, k_desc, v_desc, o_desc,  # 4-D (batch, seqlen, heads, head dim) TMA descriptors
     lse_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous
     alibi_ptr, stride_alibi,  # (batch or 1, nheads) fp32 slopes and their strides (batch stride 0 if shared); None without ALiBi
+    kpm_ptr, stride_kpm_b,  # (batch, seqlen_k) uint8 key padding mask (nonzero = keep, unit last stride), batch stride; None without KPM
     seqlen_q, seqlen_k, nheads, kv_group, heads_per_section, qk_scale,
-    CAUSAL: gl.constexpr, ALIBI: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+    CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr,
+    C_REGS: gl.constexpr,
 ):
     HM: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -408,7 +602,7 @@ def _hopper_attn_fwd(
     hk = h // kv_group  # GQA: query heads [g * kv_group, (g + 1) * kv_group) read k/v head g
     m0 = pid_m * BM
     lse_off = bh.to(gl.int64) * seqlen_q
-    n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL)
+    n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL, KPM)
     # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it to
     # q.k, before the softmax multiplies by qk_scale = scale * log2(e). Under causal masking the
     # consumers read the slope themselves, after warp_specialize: a load here delays the
@@ -435,13 +629,24 @@ def _hopper_attn_fwd(
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
 
-    consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-                     lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
-    gl.warp_specialize([
-        (_consumer0, consumer_args),
-        (_consumer1, consumer_args),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q)),
-    ], [4, P_WARPS], [C_REGS, P_REGS])
+    producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q)
+    if KPM:
+        kpm = (kpm_ptr, b.to(gl.int64) * stride_kpm_b)  # the mask and this sequence's row (see _kpm_words)
+        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
+                         h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI)
+        gl.warp_specialize([
+            (_consumer0_kpm, consumer_args),
+            (_consumer1_kpm, consumer_args),
+            (_producer, producer_args),
+        ], [4, P_WARPS], [C_REGS, P_REGS])
+    else:
+        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
+                         h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
+        gl.warp_specialize([
+            (_consumer0, consumer_args),
+            (_consumer1, consumer_args),
+            (_producer, producer_args),
+        ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +676,8 @@ def on_sm90(t: torch.Tensor, capability=None) -> bool:
 
 def plain_scores(bias, key_padding_mask, varlen, features, causal) -> bool:
     """No bias tensor, key padding, varlen or score feature but causal masking (which may come
-    as window (-1, 0)): what the Gluon kernels take (ALiBi is each kernel's own choice)."""
+    as window (-1, 0)): what the Gluon kernels take (ALiBi is each kernel's own choice, and so is
+    key padding: the forward checks a mask itself and passes None here)."""
     if varlen is not None or bias is not None or key_padding_mask is not None:
         return False
     left, right = features.window
@@ -480,11 +686,21 @@ def plain_scores(bias, key_padding_mask, varlen, features, causal) -> bool:
     return features.softcap == 0 and features.sinks is None and features.dropout_p == 0 and features.attn_mask is None
 
 
+def _kpm_ok(mask, batch, seqlen_k) -> bool:
+    """A key padding mask the forward kernel reads: (batch, seqlen_k) uint8 (attn_fwd's bool mask
+    viewed as bytes), unit last stride (any stride for one key); any batch stride."""
+    if mask.dtype != torch.uint8 or mask.dim() != 2 or tuple(mask.shape) != (batch, seqlen_k):
+        return False
+    return mask.stride(1) == 1 or seqlen_k == 1
+
+
 def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
                     capability=None) -> bool:
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
     ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
-    if not on_sm90(q, capability) or not plain_scores(bias, key_padding_mask, varlen, features, causal):
+    # The forward takes key padding (its own check, below); plain_scores still refuses it for
+    # the backward's Gluon pass.
+    if not on_sm90(q, capability) or not plain_scores(bias, None, varlen, features, causal):
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in GL_DTYPES or not (k.dtype == v.dtype == q.dtype):
         return False
@@ -502,10 +718,13 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     if not softmax_scale >= MIN_SOFTMAX_SCALE:
         return False
     # Every row must see key 0 (the kernel's running max starts from block 0): causal rows with
-    # no visible key (seqlen_k < seqlen_q) take the tl kernel.
+    # no visible key (seqlen_k < seqlen_q) take the tl kernel. With key padding too: the variant
+    # is -inf-safe, but a CTA whose rows all lie before the diagonal would get n_end <= 0.
     if causal and seqlen_k < seqlen_q:
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.dim() != 2):
+        return False
+    if key_padding_mask is not None and not _kpm_ok(key_padding_mask, batch, seqlen_k):
         return False
     return all(_tma_ok(t) for t in (q, k, v) + ((out,) if out is not None else ()))
 
@@ -548,10 +767,11 @@ def _descriptor(t, rows):
     return desc
 
 
-def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
+def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_padding_mask=None):
     """(out, lse) as ``attn_fwd`` returns them, for a call ``hopper_supports`` accepted: out
     like q (or the given ``out``), lse (batch, nheads, seqlen_q) fp32, natural log.
-    alibi_slopes: (1 or batch, nheads) fp32 or None."""
+    alibi_slopes: (1 or batch, nheads) fp32 or None; key_padding_mask: (batch, seqlen_k) uint8,
+    nonzero = keep, unit last stride, or None."""
     batch, seqlen_q, nheads, _ = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -568,6 +788,8 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
         lse_ptr=lse,
         alibi_ptr=alibi_slopes,
         stride_alibi=stride_alibi,
+        kpm_ptr=key_padding_mask,
+        stride_kpm_b=None if key_padding_mask is None else key_padding_mask.stride(0),
         seqlen_q=seqlen_q,
         seqlen_k=k.shape[1],
         nheads=nheads,
@@ -576,6 +798,7 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None):
         qk_scale=float(softmax_scale) * LOG2E,
         CAUSAL=bool(causal),
         ALIBI=alibi_slopes is not None,
+        KPM=key_padding_mask is not None,
         **WARP_SPECIALISED,
     )
     return out, lse
