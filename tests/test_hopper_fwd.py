@@ -469,13 +469,26 @@ def test_default_dispatch(default_calls, monkeypatch, mode, head_dim):
 KPM_SEQLENS = [(300, 300), (1, 200), (200, 1000), (1000, 1000), (64, 77), (128, 128)]
 
 
-@pytest.mark.gpu
-@sm90
-@pytest.mark.parametrize("kind", ["right", "random"])
-@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_q, seqlen_k", KPM_SEQLENS, ids=[f"sq{q}-sk{k}" for q, k in KPM_SEQLENS])
+def _kpm_grid(seqlens=None):
+    """The GPU key padding tests' marks and parameters: ALiBi, causal, head dim, and with
+    ``seqlens`` the padding kind and (seqlen_q, seqlen_k)."""
+    marks = [pytest.mark.gpu, sm90]
+    if seqlens is not None:
+        marks.append(pytest.mark.parametrize("kind", ["right", "random"]))
+    marks += [pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"]),
+              pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"]),
+              pytest.mark.parametrize("head_dim", [64, 128])]
+    if seqlens is not None:
+        marks.append(pytest.mark.parametrize("seqlen_q, seqlen_k", seqlens, ids=[f"sq{q}-sk{k}" for q, k in seqlens]))
+
+    def apply(test):
+        for mark in reversed(marks):
+            test = mark(test)
+        return test
+    return apply
+
+
+@_kpm_grid(KPM_SEQLENS)
 def test_key_padding_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
     """GQA (6 heads, 2 k/v heads), per-batch ALiBi slopes, three batch entries with their own padding."""
     q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
@@ -483,13 +496,7 @@ def test_key_padding_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_di
     _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=_padding(3, seqlen_k, kind))
 
 
-@pytest.mark.gpu
-@sm90
-@pytest.mark.parametrize("kind", ["right", "random"])
-@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_q, seqlen_k", [(300, 300), (200, 1000)], ids=["sq300-sk300", "sq200-sk1000"])
+@_kpm_grid([(300, 300), (200, 1000)])
 def test_key_padding_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
     """The tl backward recomputes P from the Hopper forward's lse, key padding included."""
     q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
@@ -498,11 +505,7 @@ def test_key_padding_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, 
                    key_padding_mask=_padding(3, seqlen_k, kind))
 
 
-@pytest.mark.gpu
-@sm90
-@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@_kpm_grid()
 def test_key_padding_rows_without_a_key(hopper_calls, head_dim, causal, alibi):
     """docs/semantics.md, fully masked rows: output 0, lse -inf, zero gradients, never NaN.
     Batch entry 0 pads every key. Entry 1 keeps keys 200.. only: the first key block leaves
@@ -529,11 +532,7 @@ def test_key_padding_rows_without_a_key(hopper_calls, head_dim, causal, alibi):
     check_against_reference(out, q, k, v, dout, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, lse=lse)
 
 
-@pytest.mark.gpu
-@sm90
-@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@_kpm_grid()
 def test_key_padding_nonfinite_padded_kv(hopper_calls, head_dim, causal, alibi):
     """docs/semantics.md, invisible keys: padded keys never affect a row whatever K and V hold
     there. A KV cache whose padded slots hold NaN, inf and -inf gives exactly the output and lse
