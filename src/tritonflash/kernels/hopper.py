@@ -40,8 +40,25 @@ per dimension, so no int32 offset overflows.
 Covered (``hopper_supports``): sm_90, fp16/bf16, head dim 64/128, GQA/MQA, causal (with
 seqlen_k >= seqlen_q, so that without key padding every row sees key 0) or not, ALiBi or not,
 key padding or not, softmax_scale > 0 (the running max is taken on unscaled scores) and at
-least MIN_SOFTMAX_SCALE = 2^-32 (see below), TMA-compatible strides. Not covered: bias, varlen,
-window, softcap, sinks, dropout, attn_mask.
+least MIN_SOFTMAX_SCALE = 2^-32 (see below), TMA-compatible strides; with TRITONFLASH_HOPPER_FWD=1
+only (experimental: compiled and CPU-checked, not yet run on a GPU), an additive bias of q's
+dtype whose (seqlen_q, seqlen_k) plane is real and TMA-addressable (unit key stride, 16-byte
+aligned base and row stride; batch and head dims full or broadcast), not with key padding
+(``_bias_ok``). Not covered: other biases (row biases (.., 1, seqlen_k), fp32, unaligned rows,
+bias with key padding), varlen, window, softcap, sinks, dropout, attn_mask.
+
+Bias (BIAS variant): the producer loads the bias tile of key block j for the CTA's 128 query
+rows by TMA (a 4-D descriptor over the bias view, box (1, 1, 128, 128), zeros out of bounds; a
+broadcast batch or head dim is sliced to one element on the host and read at coordinate 0)
+into a bias ring with K/V's stage index, on its own ready mbarriers; the empty barrier frees it
+with the K/V stage. The ring is 2 stages at d128 (2 * (32 + 32 + 32) KB + 32 KB of Q), 3 at d64.
+Each consumer warpgroup reads its 64 rows of the tile from shared memory in the score layout
+just before use and adds bias / softmax_scale to q.k; every key block is masked (one key loop)
+and the softmax is the -inf-safe one (as KPM), so a row whose keys all have a -inf bias gets
+output 0 and lse -inf. Order: in block 0 before ALiBi and the mask, as the tl kernel; in later
+blocks after them (ptxas spilled otherwise at d128), so there a NaN or +inf bias entry at a key
+that the causal diagonal hides from a row makes that row NaN (the tl kernel masks it). -inf
+biased keys need finite K and V (docs/semantics.md), as in the tl kernel.
 
 Key padding (KPM, a (batch, seqlen_k) uint8 mask, nonzero = keep): every key block is masked
 (n_full = 0). Each consumer warpgroup reads a block's 128 mask bytes as four int32 bit words
@@ -51,7 +68,8 @@ of the V stage in shared memory (_zero_padded_keys: only blocks and 32-row slice
 one; 0 * NaN would be NaN in the wgmma), so NaN/inf in padded K or V never reaches a row. The
 online softmax is -inf-safe in this variant only (_finite_max, l = 0 -> 1): a row with no
 visible key gets output 0 and lse -inf (docs/semantics.md). KPM=False compiles to the same PTX
-as before the mask was added (separate partition functions, so KPM stays a real constexpr).
+as before the mask was added (separate partition functions, so KPM stays a real constexpr), and
+the same holds for BIAS (_consumer0_bias, _producer_bias).
 
 Known difference from docs/semantics.md ("Invisible keys"), documented there: under causal, a
 non-finite V in a key that a row cannot see but a later row of the same 128-key block can see
@@ -99,6 +117,8 @@ BLOCK_N = 128  # keys per K/V tile; at d64 too (the spike: same softmax work per
 # K/V ring depth (a constexpr: the kernel reads it as a global): d128 needs 229,728 B of shared
 # memory (limit 232,448); at d64 the spike measured 4 stages equal to 3.
 STAGES = gl.constexpr(3)
+# The bias variant's ring at d128 (K, V and a 128 x 128 bias tile a stage): 2 * 96 KB + 32 KB of Q.
+BIAS_STAGES_D128 = gl.constexpr(2)
 HEAD_DIMS = (64, 128)
 # Taken by default (TRITONFLASH_HOPPER_FWD unset, kernels/forward.py); the others of HEAD_DIMS
 # with TRITONFLASH_HOPPER_FWD=1. At d64 it measured no faster than the tl kernel on an H200
@@ -382,15 +402,61 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_ba
 
 
 @gluon.jit
-def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, MASK: gl.constexpr,
-             CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr):
+def _producer_bias(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q,
+                   bias_desc, b_smem, b_bar):
+    """_producer with the bias ring (BIAS variant): per key block j, the bias tile of the CTA's
+    BM query rows and keys j * BN .. (a (1, 1, BM, BN) box, zeros out of bounds) into b_smem's
+    stage j % NS on b_bar (expect-tx), between K_j and V_j; the stage is freed by the same empty
+    barrier as K/V (the consumers read the bias of block j in step j, before they release it).
+    A broadcast batch or head dim of the bias has one element in the descriptor: coordinate 0."""
+    HM: gl.constexpr = q_smem.shape[1]
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    Q_BYTES: gl.constexpr = q_desc.block_type.nbytes
+    second = m0 + HM < seqlen_q  # as in _producer
+    mbarrier.expect(q_bar, 2 * Q_BYTES, pred=second)
+    mbarrier.expect(q_bar, Q_BYTES, pred=m0 + HM >= seqlen_q)
+    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _tma_box(q_smem.index(0)))
+    tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)), pred=second)
+    bb = gl.minimum(b, bias_desc.shape[0] - 1)
+    bh = gl.minimum(h, bias_desc.shape[1] - 1)
+    for j in range(n_end):
+        s = j % NS
+        mbarrier.wait(empty_bar.index(s), ((j // NS) & 1) ^ 1)
+        mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BN, hk, 0], k_bar.index(s), _tma_box(k_smem.index(s)))
+        mbarrier.expect(b_bar.index(s), bias_desc.block_type.nbytes)
+        tile = b_smem.index(s)
+        tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, j * BN], b_bar.index(s),
+                                        tile.reshape([1, 1, tile.shape[0], tile.shape[1]]))
+        mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BN, hk, 0], v_bar.index(s), _tma_box(v_smem.index(s)))
+
+
+@gluon.jit
+def _add_bias(sc, bias, s, j, NS: gl.constexpr, WG: gl.constexpr):
+    """sc (this warpgroup's HM rows, BN keys of block j, q.k units) plus the bias tile of stage s
+    in the same units (times inv_scale = 1 / softmax_scale), read from shared memory in the
+    score layout just before use (32 more live registers earlier spilled the KPM variant at
+    d128). ``bias``: (b_smem, b_bar, inv_scale). -inf entries stay -inf (masks as biases)."""
+    b_smem, b_bar, inv_scale = bias
+    HM: gl.constexpr = sc.shape[0]
+    mbarrier.wait(b_bar.index(s), (j // NS) & 1)
+    t = b_smem.index(s).slice(WG * HM, HM).load(sc.type.layout)
+    return sc + t.to(gl.float32) * inv_scale
+
+
+@gluon.jit
+def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, bias, MASK: gl.constexpr,
+             CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr, BIAS: gl.constexpr, SAFE: gl.constexpr):
     """Key block j >= 1 of one consumer warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued
     back to back, softmax of S_j while the PV wgmma runs. ``ring``: (k_smem, v_smem, k_bar,
     v_bar, empty_bar, turn_bar); ``state``: (acc, p, m_i, l_i) with p the probabilities of block
     j - 1 on entry and of block j on return (its PV is the next step's, or the epilogue's).
     KPM (a real constexpr, see _consumer0_kpm): ``kpm`` is as in _consumer, and ``state``
     carries a fifth entry, the mask words (_kpm_words) of p's block: its padded keys' V rows are
-    zeroed before its PV, and those of block j are masked in S_j."""
+    zeroed before its PV, and those of block j are masked in S_j. BIAS: ``bias`` as in _add_bias,
+    added to S_j after ALiBi and the mask. SAFE (KPM or BIAS): the -inf-safe softmax."""
     k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar = ring
     if KPM:
         acc, p, m_i, l_i, words = state
@@ -422,16 +488,21 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
         sc = _drop_padded(_score_mod(sc, j * BN, row0, seqlen_k, alibi_c, False, CAUSAL, ALIBI, CAUSAL), words, j * BN, row0, CAUSAL)
     else:
         sc = _score_mod(sc, j * BN, row0, seqlen_k, alibi_c, MASK, CAUSAL, ALIBI, CAUSAL)
+    if BIAS:
+        # After ALiBi and the mask, unlike block 0 (_consumer) and the tl kernel: before them,
+        # ptxas spilled 32-100 bytes at d128 without ALiBi. The same scores, except that a NaN
+        # or +inf bias entry at a key masked by the causal diagonal reaches its row (docstring).
+        sc = _add_bias(sc, bias, s, j, NS, WG)
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    if KPM:
+    if SAFE:
         # A row may have seen no visible key yet (m_new = m_i = -inf): subtract 0 instead, so
         # pf = 0 and alpha = exp2(-inf) = 0 (acc and l_i are 0 then), never -inf - -inf = NaN.
         m_safe = _finite_max(m_new)
         pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_safe, 1))
         alpha = gl.exp2(m_i - m_safe)
     else:
-        # m_i is finite (every row sees key 0, in block 0), so a row that sees no key of block j
-        # gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
+        # Without KPM or a bias, m_i is finite (every row sees key 0, in block 0), so a row that
+        # sees no key of block j gets m_new = m_i, pf = exp2(-inf) = 0 and alpha = 1, never a NaN.
         pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(pf, axis=1)
@@ -448,13 +519,14 @@ def _kv_step(j, WG: gl.constexpr, q, ring, state, s_zero, row0, seqlen_k, alibi_
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full,
-              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
-              KPM: gl.constexpr):
+              n_end, b, m0, h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, bias, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+              KPM: gl.constexpr, BIAS: gl.constexpr, SAFE: gl.constexpr):
     """One consumer warpgroup. ``alibi``: the ALiBi slope in q.k units (fp32), or a pointer to
     the slope, which this warpgroup then reads itself (see _hopper_attn_fwd). ``kpm``: under
     KPM (the key padding mask's pointer, the int64 offset of this sequence's row), else None.
-    KPM is a real constexpr (_consumer0_kpm passes it as a literal; the partition flags CAUSAL
-    and ALIBI arrive as i1)."""
+    ``bias``: under BIAS (b_smem, b_bar, inv_scale: _add_bias), else None. KPM, BIAS and SAFE
+    (KPM or BIAS: the -inf-safe softmax) are real constexprs (_consumer0_kpm/_bias pass them as
+    literals; the partition flags CAUSAL and ALIBI arrive as i1)."""
     HM: gl.constexpr = q_smem.shape[1]
     D: gl.constexpr = q_smem.shape[2]
     NS: gl.constexpr = k_smem.shape[0]
@@ -488,6 +560,8 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     if KPM:
         words = _kpm_words(kpm, 0, seqlen_k, BN)
     sc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    if BIAS:
+        sc = _add_bias(sc, bias, 0, 0, NS, WG)
     if KPM:
         # Key 0 may be padded: a row may see no key of block 0 (m_i = -inf, pf = 0, l_i = 0).
         sc = _drop_padded(_score_mod(sc, 0, row0, seqlen_k, alibi_c, False, CAUSAL, ALIBI, CAUSAL), words, 0, row0, CAUSAL)
@@ -496,7 +570,11 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     else:
         sc = _score_mod(sc, 0, row0, seqlen_k, alibi_c, True, CAUSAL, ALIBI, CAUSAL)
         m_i = gl.max(sc, axis=1) * qk_scale
-        pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
+        if SAFE:
+            # A -inf bias may hide every key of block 0 from a row (m_i = -inf, pf = 0, l_i = 0).
+            pf = gl.exp2(sc * qk_scale - gl.expand_dims(_finite_max(m_i), 1))
+        else:
+            pf = gl.exp2(sc * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(pf, axis=1)
     if KPM:
         state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i, words)
@@ -504,10 +582,13 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
         state = (acc, gl.convert_layout(pf.to(q.dtype), p_layout), m_i, l_i)
 
     ring = (k_smem, v_smem, k_bar, v_bar, empty_bar, turn_bar)
-    for j in range(1, n_full):
-        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, False, CAUSAL, ALIBI, KPM)
+    if BIAS:
+        pass  # n_full = 0 (_hopper_attn_fwd): the masked loop only, one loop fewer in the code
+    else:
+        for j in range(1, n_full):
+            state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, bias, False, CAUSAL, ALIBI, KPM, BIAS, SAFE)
     for j in range(gl.maximum(n_full, 1), n_end):
-        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, True, CAUSAL, ALIBI, KPM)
+        state = _kv_step(j, WG, q, ring, state, s_zero, row0, seqlen_k, alibi_c, qk_scale, kpm, bias, True, CAUSAL, ALIBI, KPM, BIAS, SAFE)
     if KPM:
         acc, p, m_i, l_i, words = state
     else:
@@ -521,9 +602,10 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
     acc = warpgroup_mma(p, v_smem.index(sl), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    if KPM:
-        # A row with no visible key (every key padded, or none it can see kept): l_i = 0 and
-        # acc = 0 (every P is 0, padded V rows zeroed): output 0, lse -inf (docs/semantics.md).
+    if SAFE:
+        # A row with no visible key (every key padded or -inf biased, or none it can see kept):
+        # l_i = 0 and acc = 0 (every P is 0; padded V rows zeroed, -inf biased keys' V finite
+        # by the contract): output 0, lse -inf (docs/semantics.md).
         out = acc / gl.expand_dims(gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_layout)), 1)
     else:
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
@@ -535,7 +617,7 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
         r = gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout)).to(gl.float32)
         lse2 = lse2 - (alibi_c * qk_scale) * r
     lse = lse2 * LN2
-    if KPM:
+    if SAFE:
         lse = gl.where(l_i == 0.0, float("-inf"), lse)  # m_i + log2(0) is -inf too: explicit, not left to lg2.approx
     rows = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
     gl.store(lse_ptr + lse_off + rows, lse, mask=rows < seqlen_q)
@@ -551,14 +633,14 @@ def _consumer(WG: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_
 def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
                seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, CAUSAL, ALIBI, False)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, None, CAUSAL, ALIBI, False, False, False)
 
 
 @gluon.jit
 def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h, lse_off,
                seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, CAUSAL, ALIBI, False)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, None, CAUSAL, ALIBI, False, False, False)
 
 
 # The consumers of the key padding variant: separate partition functions, so that KPM reaches
@@ -569,14 +651,29 @@ def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, t
 def _consumer0_kpm(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
                    lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI, True)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, None, CAUSAL, ALIBI, True, False, True)
 
 
 @gluon.jit
 def _consumer1_kpm(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
                    lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
-              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI, True)
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, None, CAUSAL, ALIBI, True, False, True)
+
+
+# The consumers of the bias variant (BIAS and SAFE literal, as for _consumer0_kpm).
+@gluon.jit
+def _consumer0_bias(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+                    lse_off, seqlen_q, seqlen_k, alibi, qk_scale, bias, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, bias, CAUSAL, ALIBI, False, True, True)
+
+
+@gluon.jit
+def _consumer1_bias(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+                    lse_off, seqlen_q, seqlen_k, alibi, qk_scale, bias, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+    _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0, h,
+              lse_off, seqlen_q, seqlen_k, alibi, qk_scale, None, bias, CAUSAL, ALIBI, False, True, True)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_per_section", "stride_kpm_b"])
@@ -585,9 +682,10 @@ def _hopper_attn_fwd(
     lse_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous
     alibi_ptr, stride_alibi,  # (batch or 1, nheads) fp32 slopes and their strides (batch stride 0 if shared); None without ALiBi
     kpm_ptr, stride_kpm_b,  # (batch, seqlen_k) uint8 key padding mask (nonzero = keep, unit last stride), batch stride; None without KPM
+    bias_desc, inv_scale,  # 4-D (batch or 1, heads or 1, seqlen_q, seqlen_k) bias descriptor, 1 / softmax_scale (fp32); None without BIAS
     seqlen_q, seqlen_k, nheads, kv_group, heads_per_section, qk_scale,
     CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr,
-    C_REGS: gl.constexpr,
+    C_REGS: gl.constexpr, BIAS: gl.constexpr,
 ):
     HM: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -625,28 +723,53 @@ def _hopper_attn_fwd(
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [2, HM, D], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
-    q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
-
-    producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q)
-    if KPM:
-        kpm = (kpm_ptr, b.to(gl.int64) * stride_kpm_b)  # the mask and this sequence's row (see _kpm_words)
+    if BIAS:
+        # The bias ring (32 KB a stage) takes the stages' place: at d128, 2 K/V/bias stages
+        # (2 * 96 KB + 32 KB of Q) fit the 227 KB where 3 do not; d64 keeps 3 (3 * 64 + 16 KB).
+        NS: gl.constexpr = BIAS_STAGES_D128 if D == 128 else STAGES
+        # Every key block masked, as with KPM: the consumers run one key loop instead of two (with
+        # both, ptxas spilled loop-invariant values at d128; the mask is one select a score).
+        n_full = n_full * 0
+        k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], kv_layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
+        b_smem = gl.allocate_shared_memory(dtype, [NS, BM, BN], b_layout)
+        b_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NS):
+            mbarrier.init(b_bar.index(i), count=1)
+        q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(NS)  # fences b_bar's init too
+        producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk,
+                         seqlen_q, bias_desc, b_smem, b_bar)
         consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
-                         h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI)
+                         h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, (b_smem, b_bar, inv_scale), CAUSAL, ALIBI)
         gl.warp_specialize([
-            (_consumer0_kpm, consumer_args),
-            (_consumer1_kpm, consumer_args),
-            (_producer, producer_args),
+            (_consumer0_bias, consumer_args),
+            (_consumer1_bias, consumer_args),
+            (_producer_bias, producer_args),
         ], [4, P_WARPS], [C_REGS, P_REGS])
     else:
-        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
-                         h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
-        gl.warp_specialize([
-            (_consumer0, consumer_args),
-            (_consumer1, consumer_args),
-            (_producer, producer_args),
-        ], [4, P_WARPS], [C_REGS, P_REGS])
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+        q_bar, k_bar, v_bar, empty_bar, turn_bar = _ring_barriers(STAGES)
+
+        producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q)
+        if KPM:
+            kpm = (kpm_ptr, b.to(gl.int64) * stride_kpm_b)  # the mask and this sequence's row (see _kpm_words)
+            consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
+                             h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, kpm, CAUSAL, ALIBI)
+            gl.warp_specialize([
+                (_consumer0_kpm, consumer_args),
+                (_consumer1_kpm, consumer_args),
+                (_producer, producer_args),
+            ], [4, P_WARPS], [C_REGS, P_REGS])
+        else:
+            consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, turn_bar, lse_ptr, n_full, n_end, b, m0,
+                             h, lse_off, seqlen_q, seqlen_k, alibi, qk_scale, CAUSAL, ALIBI)
+            gl.warp_specialize([
+                (_consumer0, consumer_args),
+                (_consumer1, consumer_args),
+                (_producer, producer_args),
+            ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,13 +817,40 @@ def _kpm_ok(mask, batch, seqlen_k) -> bool:
     return mask.stride(1) == 1 or seqlen_k == 1
 
 
+def _bias_ok(bias, q, seqlen_k) -> bool:
+    """An additive bias (attn_fwd's rank-4 view broadcastable to (batch, nheads, seqlen_q,
+    seqlen_k)) the BIAS variant reads by TMA: q's dtype, a real (seqlen_q, seqlen_k) plane
+    (no row bias, no broadcast key dim) with unit key stride and a 16-byte aligned base and row
+    stride; batch and head dims full size with 16-byte aligned strides, or broadcast (one
+    element or stride 0: _bias_descriptor keeps one element of them)."""
+    batch, seqlen_q, nheads, _ = q.shape
+    if bias.dim() != 4 or bias.dtype != q.dtype or tuple(bias.shape[2:]) != (seqlen_q, seqlen_k):
+        return False
+    size = bias.element_size()
+    if bias.stride(3) != 1 or bias.data_ptr() % 16:
+        return False
+    if seqlen_q > 1 and not (bias.stride(2) > 0 and (bias.stride(2) * size) % 16 == 0):
+        return False
+    for dim, full in ((0, batch), (1, nheads)):
+        n, st = bias.shape[dim], bias.stride(dim)
+        if n == 1 or st == 0:
+            continue
+        if n != full or st < 0 or (st * size) % 16:
+            return False
+    return True
+
+
 def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
-                    capability=None) -> bool:
+                    capability=None, experimental=False) -> bool:
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
-    ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
-    # The forward takes key padding (its own check, below); plain_scores still refuses it for
-    # the backward's Gluon pass.
-    if not on_sm90(q, capability) or not plain_scores(bias, None, varlen, features, causal):
+    ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False).
+    ``experimental`` (TRITONFLASH_HOPPER_FWD=1): the variants not yet run on a GPU are taken
+    too: an additive bias (_bias_ok; not with key padding)."""
+    # The forward takes key padding and (experimental) a bias (its own checks, below);
+    # plain_scores still refuses both for the backward's Gluon pass.
+    if bias is not None and (not experimental or key_padding_mask is not None):
+        return False
+    if not on_sm90(q, capability) or not plain_scores(None, None, varlen, features, causal):
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in GL_DTYPES or not (k.dtype == v.dtype == q.dtype):
         return False
@@ -725,6 +875,8 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.dim() != 2):
         return False
     if key_padding_mask is not None and not _kpm_ok(key_padding_mask, batch, seqlen_k):
+        return False
+    if bias is not None and not _bias_ok(bias, q, seqlen_k):
         return False
     return all(_tma_ok(t) for t in (q, k, v) + ((out,) if out is not None else ()))
 
@@ -767,11 +919,40 @@ def _descriptor(t, rows):
     return desc
 
 
-def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_padding_mask=None):
+def _bias_descriptor(bias, dtype):
+    """A 4-D descriptor over a bias _bias_ok accepted, (batch or 1, heads or 1, seqlen_q,
+    seqlen_k), box (1, 1, BLOCK_M, BLOCK_N): a broadcast batch or head dim sliced to one element
+    (the kernel's coordinate there is 0), so that TMA never sees a zero stride; a dim of one
+    element gets the contiguous stride from there in, rounded up to 16 bytes (never used, but
+    TMA checks it)."""
+    if bias.stride(0) == 0:
+        bias = bias[:1]
+    if bias.stride(1) == 0:
+        bias = bias[:, :1]
+    strides = list(bias.stride())
+    align = 16 // bias.element_size()
+    for i in range(2, -1, -1):
+        if bias.shape[i] == 1:
+            strides[i] = -(-strides[i + 1] * bias.shape[i + 1] // align) * align
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = bias, list(bias.shape), strides
+    desc.block_shape, desc.padding = [1, 1, BLOCK_M, BLOCK_N], "zero"
+    desc.layout = _bias_layout(dtype)
+    return desc
+
+
+@functools.cache
+def _bias_layout(dtype: torch.dtype):
+    """The shared layout of the bias box: that of the kernel's (BLOCK_M, BLOCK_N) bias stages."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, BLOCK_N], GL_DTYPES[dtype])
+
+
+def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_padding_mask=None, bias=None):
     """(out, lse) as ``attn_fwd`` returns them, for a call ``hopper_supports`` accepted: out
     like q (or the given ``out``), lse (batch, nheads, seqlen_q) fp32, natural log.
     alibi_slopes: (1 or batch, nheads) fp32 or None; key_padding_mask: (batch, seqlen_k) uint8,
-    nonzero = keep, unit last stride, or None."""
+    nonzero = keep, unit last stride, or None; bias: a rank-4 view _bias_ok accepted (not with
+    key padding), or None."""
     batch, seqlen_q, nheads, _ = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -790,6 +971,8 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_paddi
         stride_alibi=stride_alibi,
         kpm_ptr=key_padding_mask,
         stride_kpm_b=None if key_padding_mask is None else key_padding_mask.stride(0),
+        bias_desc=None if bias is None else _bias_descriptor(bias, q.dtype),
+        inv_scale=None if bias is None else 1.0 / float(softmax_scale),
         seqlen_q=seqlen_q,
         seqlen_k=k.shape[1],
         nheads=nheads,
@@ -799,6 +982,7 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_paddi
         CAUSAL=bool(causal),
         ALIBI=alibi_slopes is not None,
         KPM=key_padding_mask is not None,
+        BIAS=bias is not None,
         **WARP_SPECIALISED,
     )
     return out, lse
