@@ -26,9 +26,9 @@ def main():
                  "random": torch.rand(b, s, device="cuda") < 0.9}
         for causal in (False, True):
             os.environ.pop("TRITONFLASH_HOPPER_FWD", None)
-            plain = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, causal=causal))
+            plain = triton.testing.do_bench(lambda q=q, k=k, v=v, causal=causal: flash_attn_func(q, k, v, causal=causal))
             for name, m in masks.items():
-                def run():
+                def run(q=q, k=k, v=v, causal=causal, m=m):
                     return flash_attn_func(q, k, v, causal=causal, key_padding_mask=m)
                 os.environ.pop("TRITONFLASH_HOPPER_FWD", None)
                 hop = triton.testing.do_bench(run)
