@@ -174,11 +174,13 @@ def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr, KPM: gl.constexpr):
+def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr,
+                 ALL_MASKED: gl.constexpr):
     """(n_full, n_end) for the query rows [m0, m0 + BM): key blocks [0, n_full) are visible to
     every row and end before seqlen_k (no mask), [n_full, n_end) partly (masked); blocks from
-    n_end on are skipped. n_end >= 1: without KPM every row sees key 0 (causal needs seqlen_k >=
-    seqlen_q); with KPM (a key padding mask) any key may be padded, so every block is masked."""
+    n_end on are skipped. n_end >= 1: without key padding every row sees key 0 (causal needs
+    seqlen_k >= seqlen_q). ALL_MASKED (the KPM and BIAS variants): n_full = 0, every block masked
+    (any key may be padded; the bias variant's consumers run one key loop, see _hopper_attn_fwd)."""
     n_end = (seqlen_k + BN - 1) // BN
     n_full = seqlen_k // BN
     if CAUSAL:
@@ -188,7 +190,7 @@ def _block_range(m0, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr, CAU
         last = gl.minimum(m0 + BM, seqlen_q) - 1
         n_end = gl.minimum(n_end, (last + off) // BN + 1)
         n_full = gl.minimum(n_full, (m0 + off + 1) // BN)
-    if KPM:
+    if ALL_MASKED:
         n_full = n_full * 0
     return n_full, n_end
 
@@ -376,21 +378,28 @@ def _zero_padded_keys(v, words, lim):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q):
+def _load_q(q_desc, q_smem, q_bar, b, m0, h, seqlen_q):
+    """The producer's first loads: the CTA's two Q halves into q_smem on q_bar.
+
+    The second half is loaded only if warpgroup 1 has a real row: whether TMA signals a box
+    that lies wholly past seqlen_q with its full byte count is not something to rely on (a
+    short count would hang q_bar). Otherwise warpgroup 1 computes on whatever its buffer holds;
+    none of its rows is stored (TMA store clipped, lse masked). The expected byte count is a
+    constant (expect_tx immediate), hence two complementary predicated expects."""
     HM: gl.constexpr = q_smem.shape[1]
-    NS: gl.constexpr = k_smem.shape[0]
-    BN: gl.constexpr = k_smem.shape[1]
     Q_BYTES: gl.constexpr = q_desc.block_type.nbytes
-    # The second Q half is loaded only if warpgroup 1 has a real row: whether TMA signals a box
-    # that lies wholly past seqlen_q with its full byte count is not something to rely on (a
-    # short count would hang q_bar). Otherwise warpgroup 1 computes on whatever its buffer holds;
-    # none of its rows is stored (TMA store clipped, lse masked). The expected byte count is a
-    # constant (expect_tx immediate), hence two complementary predicated expects.
     second = m0 + HM < seqlen_q
     mbarrier.expect(q_bar, 2 * Q_BYTES, pred=second)
     mbarrier.expect(q_bar, Q_BYTES, pred=m0 + HM >= seqlen_q)
     tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _tma_box(q_smem.index(0)))
     tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)), pred=second)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, n_end, b, m0, h, hk, seqlen_q):
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    _load_q(q_desc, q_smem, q_bar, b, m0, h, seqlen_q)
     for j in range(n_end):
         s = j % NS
         # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
@@ -409,15 +418,9 @@ def _producer_bias(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar,
     stage j % NS on b_bar (expect-tx), between K_j and V_j; the stage is freed by the same empty
     barrier as K/V (the consumers read the bias of block j in step j, before they release it).
     A broadcast batch or head dim of the bias has one element in the descriptor: coordinate 0."""
-    HM: gl.constexpr = q_smem.shape[1]
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
-    Q_BYTES: gl.constexpr = q_desc.block_type.nbytes
-    second = m0 + HM < seqlen_q  # as in _producer
-    mbarrier.expect(q_bar, 2 * Q_BYTES, pred=second)
-    mbarrier.expect(q_bar, Q_BYTES, pred=m0 + HM >= seqlen_q)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _tma_box(q_smem.index(0)))
-    tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], q_bar, _tma_box(q_smem.index(1)), pred=second)
+    _load_q(q_desc, q_smem, q_bar, b, m0, h, seqlen_q)
     bb = gl.minimum(b, bias_desc.shape[0] - 1)
     bh = gl.minimum(h, bias_desc.shape[1] - 1)
     for j in range(n_end):
@@ -700,7 +703,7 @@ def _hopper_attn_fwd(
     hk = h // kv_group  # GQA: query heads [g * kv_group, (g + 1) * kv_group) read k/v head g
     m0 = pid_m * BM
     lse_off = bh.to(gl.int64) * seqlen_q
-    n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL, KPM)
+    n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL, KPM or BIAS)
     # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it to
     # q.k, before the softmax multiplies by qk_scale = scale * log2(e). Under causal masking the
     # consumers read the slope themselves, after warp_specialize: a load here delays the
@@ -727,9 +730,9 @@ def _hopper_attn_fwd(
         # The bias ring (32 KB a stage) takes the stages' place: at d128, 2 K/V/bias stages
         # (2 * 96 KB + 32 KB of Q) fit the 227 KB where 3 do not; d64 keeps 3 (3 * 64 + 16 KB).
         NS: gl.constexpr = BIAS_STAGES_D128 if D == 128 else STAGES
-        # Every key block masked, as with KPM: the consumers run one key loop instead of two (with
-        # both, ptxas spilled loop-invariant values at d128; the mask is one select a score).
-        n_full = n_full * 0
+        # n_full = 0 (_block_range), every key block masked as with KPM: the consumers run one key
+        # loop instead of two (with both, ptxas spilled loop-invariant values at d128; the mask
+        # is one select a score).
         k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], kv_layout)
         b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
