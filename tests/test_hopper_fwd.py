@@ -574,12 +574,13 @@ def test_default_dispatch(default_calls, monkeypatch, mode, head_dim):
 KPM_SEQLENS = [(300, 300), (1, 200), (200, 1000), (1000, 1000), (64, 77), (128, 128)]
 
 
-def _kpm_grid(seqlens=None):
-    """The GPU key padding tests' marks and parameters: ALiBi, causal, head dim, and with
-    ``seqlens`` the padding kind and (seqlen_q, seqlen_k)."""
+def _gpu_grid(extra=None, seqlens=None):
+    """The marks and parameters of the GPU key padding and bias tests: ``extra`` (a name and its
+    values: the padding kind, the bias shape) if given, ALiBi, causal, head dim, and
+    (seqlen_q, seqlen_k) from ``seqlens`` if given."""
     marks = [pytest.mark.gpu, sm90]
-    if seqlens is not None:
-        marks.append(pytest.mark.parametrize("kind", ["right", "random"]))
+    if extra is not None:
+        marks.append(pytest.mark.parametrize(*extra))
     marks += [pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"]),
               pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"]),
               pytest.mark.parametrize("head_dim", [64, 128])]
@@ -593,7 +594,10 @@ def _kpm_grid(seqlens=None):
     return apply
 
 
-@_kpm_grid(KPM_SEQLENS)
+PADDING = ("kind", ["right", "random"])
+
+
+@_gpu_grid(PADDING, KPM_SEQLENS)
 def test_key_padding_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
     """GQA (6 heads, 2 k/v heads), per-batch ALiBi slopes, three batch entries with their own padding."""
     q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
@@ -601,7 +605,7 @@ def test_key_padding_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_di
     _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes, key_padding_mask=_padding(3, seqlen_k, kind))
 
 
-@_kpm_grid([(300, 300), (200, 1000)])
+@_gpu_grid(PADDING, [(300, 300), (200, 1000)])
 def test_key_padding_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, kind):
     """The tl backward recomputes P from the Hopper forward's lse, key padding included."""
     q, k, v = make_qkv(3, seqlen_q, seqlen_k, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
@@ -610,7 +614,7 @@ def test_key_padding_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, 
                    key_padding_mask=_padding(3, seqlen_k, kind))
 
 
-@_kpm_grid()
+@_gpu_grid()
 def test_key_padding_rows_without_a_key(hopper_calls, head_dim, causal, alibi):
     """docs/semantics.md, fully masked rows: output 0, lse -inf, zero gradients, never NaN.
     Batch entry 0 pads every key. Entry 1 keeps keys 200.. only: the first key block leaves
@@ -637,7 +641,7 @@ def test_key_padding_rows_without_a_key(hopper_calls, head_dim, causal, alibi):
     check_against_reference(out, q, k, v, dout, causal=causal, alibi_slopes=slopes, key_padding_mask=mask, lse=lse)
 
 
-@_kpm_grid()
+@_gpu_grid()
 def test_key_padding_nonfinite_padded_kv(hopper_calls, head_dim, causal, alibi):
     """docs/semantics.md, invisible keys: padded keys never affect a row whatever K and V hold
     there. A KV cache whose padded slots hold NaN, inf and -inf gives exactly the output and lse
@@ -720,21 +724,6 @@ def _make_bias(kind, batch, nheads, seqlen_q, seqlen_k, dtype=torch.bfloat16, re
     return bias
 
 
-def _bias_grid(seqlens, shapes):
-    marks = [pytest.mark.gpu, sm90,
-             pytest.mark.parametrize("shape", shapes),
-             pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"]),
-             pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"]),
-             pytest.mark.parametrize("head_dim", [64, 128]),
-             pytest.mark.parametrize("seqlen_q, seqlen_k", seqlens, ids=[f"sq{q}-sk{k}" for q, k in seqlens])]
-
-    def apply(test):
-        for mark in reversed(marks):
-            test = mark(test)
-        return test
-    return apply
-
-
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("seqlen_q, seqlen_k, causal", SMOKE, ids=[f"sq{q}-sk{k}-{'causal' if c else 'noncausal'}" for q, k, c in SMOKE])
@@ -747,7 +736,7 @@ def test_smoke_bias(hopper_calls, seqlen_q, seqlen_k, causal):
         _check_forward(hopper_calls, q, k, v, causal=causal, bias=_make_bias("full", 2, 2, seqlen_q, seqlen_k))
 
 
-@_bias_grid(BIAS_SEQLENS, BIAS_SHAPES)
+@_gpu_grid(("shape", BIAS_SHAPES), BIAS_SEQLENS)
 def test_bias_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, shape):
     """GQA (6 heads, 2 k/v heads), three batch entries, per-batch ALiBi slopes: the bias is added
     before ALiBi and the mask (score = scale * q.k + bias - slope * distance)."""
@@ -756,7 +745,7 @@ def test_bias_matches_reference(hopper_calls, seqlen_q, seqlen_k, head_dim, caus
     _check_forward(hopper_calls, q, k, v, causal=causal, alibi_slopes=slopes, bias=_make_bias(shape, 3, 6, seqlen_q, seqlen_k))
 
 
-@_bias_grid([(300, 300), (200, 1000)], ["full", "heads", "batch", "expanded"])
+@_gpu_grid(("shape", ["full", "heads", "batch", "expanded"]), [(300, 300), (200, 1000)])
 def test_bias_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_dim, causal, alibi, shape):
     """A bias that requires grad: the tl backward recomputes P from the Hopper forward's lse;
     dq/dk/dv and dbias (the bias's own shape) against the reference."""
