@@ -757,6 +757,24 @@ def test_bias_backward_with_hopper_lse(hopper_calls, seqlen_q, seqlen_k, head_di
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_bias_shared_by_batches_schedule(hopper_calls, causal):
+    """A bias shared by every batch puts the batches of one (query block, head) side by side
+    (_tile_coords, BATCH_INNER). Causal: sections of (batch, head) pairs numbered batch-fastest
+    with no GQA group factor (_heads_per_l2_section of the k/v heads); several sections, the last
+    one short (batch 5 and 4 query heads on 2 k/v heads at 4096 keys, d128: 12 pairs a section
+    on a 50 MiB L2). Non-causal: batch, then query block, then head."""
+    b, s, h, d = 5, 4096, 4, 128
+    q, k, v = make_qkv(b, s, s, h, d, torch.bfloat16, DEVICE, nheads_k=2, requires_grad=False)
+    per_section = hopper._heads_per_l2_section(k, 2)
+    assert causal is False or (b * h > per_section and (b * h) % per_section), per_section
+    bias = _make_bias("heads", b, h, s, s)
+    assert hopper._bias_shared_by_batches(bias, b)
+    _check_forward(hopper_calls, q, k, v, causal=causal, bias=bias, alibi_slopes=_slopes(h, batch=b))
+
+
+@pytest.mark.gpu
+@sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

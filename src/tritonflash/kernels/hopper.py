@@ -153,12 +153,16 @@ MIN_SOFTMAX_SCALE = 2.0**-32
 
 
 @gluon.jit
-def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
-    """(query block, batch * nheads + head) of this CTA in a 1-D grid of n_m * n_bh CTAs.
+def _tile_coords(n_m, n_bh, nheads, heads_per_section, CAUSAL: gl.constexpr, BATCH_INNER: gl.constexpr):
+    """(query block, batch, head) of this CTA in a 1-D grid of n_m * n_bh CTAs.
 
     Non-causal: the query blocks of one head are adjacent (they share its K/V in L2). Causal:
-    longest first: the heads are cut into sections of heads_per_section whose K/V fit in L2, and
-    inside a section the CTAs go from the last query block (most key blocks) to the first."""
+    longest first: the (batch, head) pairs are cut into sections of heads_per_section whose K/V
+    fit in L2, and inside a section the CTAs go from the last query block (most key blocks) to
+    the first. BATCH_INNER (a bias shared by every batch, BIAS variant): the CTAs that read the
+    same bias rows are adjacent so the tile is read from DRAM once and from L2 by the others:
+    non-causal, batch fastest, then query block, then head; causal, the pairs are numbered
+    batch-fastest (same sections)."""
     pid = gl.program_id(0)
     if CAUSAL:
         per_section = heads_per_section * n_m
@@ -167,10 +171,18 @@ def _tile_coords(n_m, n_bh, heads_per_section, CAUSAL: gl.constexpr):
         heads_here = gl.minimum(heads_per_section, n_bh - section * heads_per_section)  # the last one may be short
         pid_m = n_m - 1 - r // heads_here
         bh = section * heads_per_section + r % heads_here
+    elif BATCH_INNER:
+        batch = n_bh // nheads
+        r = pid // batch
+        pid_m = r % n_m
+        bh = (pid % batch) * nheads + r // n_m
     else:
         pid_m = pid % n_m
         bh = pid // n_m
-    return pid_m, bh
+    if CAUSAL and BATCH_INNER:
+        batch = n_bh // nheads
+        return pid_m, bh % batch, bh // batch
+    return pid_m, bh // nheads, bh % nheads
 
 
 @gluon.jit
@@ -688,7 +700,7 @@ def _hopper_attn_fwd(
     bias_desc, inv_scale,  # 4-D (batch or 1, heads or 1, seqlen_q, seqlen_k) bias descriptor, 1 / softmax_scale (fp32); None without BIAS
     seqlen_q, seqlen_k, nheads, kv_group, heads_per_section, qk_scale,
     CAUSAL: gl.constexpr, ALIBI: gl.constexpr, KPM: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr,
-    C_REGS: gl.constexpr, BIAS: gl.constexpr,
+    C_REGS: gl.constexpr, BIAS: gl.constexpr, BATCH_INNER: gl.constexpr = False,
 ):
     HM: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -697,12 +709,10 @@ def _hopper_attn_fwd(
     gl.static_assert(k_desc.block_type.shape[3] == D, "K/V tiles have Q's head dim")
     gl.static_assert(BM % BN == 0 or BN % BM == 0, "the causal block range assumes nested tiles")
     n_m = (seqlen_q + BM - 1) // BM
-    pid_m, bh = _tile_coords(n_m, gl.num_programs(0) // n_m, heads_per_section, CAUSAL)
-    b = bh // nheads
-    h = bh % nheads
+    pid_m, b, h = _tile_coords(n_m, gl.num_programs(0) // n_m, nheads, heads_per_section, CAUSAL, BATCH_INNER)
     hk = h // kv_group  # GQA: query heads [g * kv_group, (g + 1) * kv_group) read k/v head g
     m0 = pid_m * BM
-    lse_off = bh.to(gl.int64) * seqlen_q
+    lse_off = (b * nheads + h).to(gl.int64) * seqlen_q
     n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL, KPM or BIAS)
     # The bias -slope * |i + sk - sq - j| is in units of the scaled score; the kernel adds it to
     # q.k, before the softmax multiplies by qk_scale = scale * log2(e). Under causal masking the
@@ -950,6 +960,12 @@ def _bias_layout(dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, BLOCK_N], GL_DTYPES[dtype])
 
 
+def _bias_shared_by_batches(bias, batch) -> bool:
+    """Whether several batches read the same bias rows (batch dim of one element or stride 0):
+    the kernel then schedules them side by side (_tile_coords, BATCH_INNER)."""
+    return bias is not None and batch > 1 and (bias.shape[0] == 1 or bias.stride(0) == 0)
+
+
 def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_padding_mask=None, bias=None):
     """(out, lse) as ``attn_fwd`` returns them, for a call ``hopper_supports`` accepted: out
     like q (or the given ``out``), lse (batch, nheads, seqlen_q) fp32, natural log.
@@ -964,6 +980,9 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_paddi
     if alibi_slopes is not None:
         stride_alibi = (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1))
     grid = (triton.cdiv(seqlen_q, BLOCK_M) * batch * nheads,)
+    # A bias shared by the batches: their CTAs side by side; a causal section then holds
+    # batches of one head (no GQA group factor: its pairs do not share K/V).
+    batch_inner = _bias_shared_by_batches(bias, batch)
     _hopper_attn_fwd[grid](
         q_desc=_descriptor(q, HALF_M),
         k_desc=_descriptor(k, BLOCK_N),
@@ -980,12 +999,13 @@ def hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=None, key_paddi
         seqlen_k=k.shape[1],
         nheads=nheads,
         kv_group=nheads // k.shape[2],
-        heads_per_section=_heads_per_l2_section(k, nheads),
+        heads_per_section=_heads_per_l2_section(k, k.shape[2] if batch_inner else nheads),
         qk_scale=float(softmax_scale) * LOG2E,
         CAUSAL=bool(causal),
         ALIBI=alibi_slopes is not None,
         KPM=key_padding_mask is not None,
         BIAS=bias is not None,
+        BATCH_INNER=batch_inner,
         **WARP_SPECIALISED,
     )
     return out, lse
