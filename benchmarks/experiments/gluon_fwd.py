@@ -307,15 +307,13 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, alibi_ptr, seqlen_q,
     gl.static_assert(k_desc.block_type.shape[1] == D, "K/V tiles have Q's head dim")
     gl.static_assert(BM % BN == 0 or BN % BM == 0, "the causal block range assumes nested tiles")
     n_m = seqlen_q // BM
-    pid_m, bh = _tile_coords(n_m, gl.num_programs(0) // n_m, heads_per_section, CAUSAL)
-    b = bh // nheads
-    h = bh % nheads
+    pid_m, b, h = _tile_coords(n_m, gl.num_programs(0) // n_m, nheads, heads_per_section, CAUSAL, False)
     m0 = pid_m * BM
     q_row = b * seqlen_q + m0  # rows of the (batch * seqlen, heads * dim) views
     kv_row = b * seqlen_k
     q_col = h * D
     kv_col = (h // group) * D  # GQA: query heads [g * group, (g + 1) * group) read k/v head g
-    lse_off = bh.to(gl.int64) * seqlen_q + m0
+    lse_off = (b * nheads + h).to(gl.int64) * seqlen_q + m0
     row0 = m0 + seqlen_k - seqlen_q
     n_full, n_end = _block_range(m0, seqlen_q, seqlen_k, BM, BN, CAUSAL)
     if ALIBI:
