@@ -8,8 +8,7 @@ spills. GPU tier (sm_90 only): flash_attn_func with ``TRITONFLASH_HOPPER_FWD=1``
 head dim) and with the default dispatch against the reference (docs/testing.md's rule), out, lse
 and the gradients of the ``tl`` backward that consumes this forward's lse, with a spy asserting
 whether the Hopper kernel ran; with key padding too (right and random padding, rows without a
-key, NaN/inf in padded K and V), and with an additive bias (the experimental BIAS variant, taken
-with TRITONFLASH_HOPPER_FWD=1 only: bias shapes and broadcasts, -inf rows and blocks, dbias from
+key, NaN/inf in padded K and V), and with an additive bias (the BIAS variant: bias shapes and broadcasts, -inf rows and blocks, dbias from
 the tl backward). The GPU smoke tests come first (short and partial query blocks: a barrier
 hang shows early), and strict xfails carry the known causal invisible-key deviation
 (docs/semantics.md) and the BIAS variant's NaN bias at a causally hidden key (hopper.py).
@@ -219,8 +218,8 @@ def _bias(shape, sk_alloc=None, dtype=torch.bfloat16):
     return torch.empty(*outer, sk_alloc or sk, dtype=dtype)[..., :sk]
 
 
-# hopper_supports with a bias (_call's q (2, 200, 4, 128) bf16, k (2, 300, 2, 128)), TRITONFLASH_HOPPER_FWD=1
-# (experimental): the (seqlen_q, seqlen_k) plane must be real and TMA-addressable (rows 16-byte aligned: 304 elements).
+# hopper_supports with a bias (_call's q (2, 200, 4, 128) bf16, k (2, 300, 2, 128)): the (seqlen_q, seqlen_k)
+# plane must be real and TMA-addressable (rows 16-byte aligned: 304 elements).
 BIAS_SUPPORTS = [
     pytest.param(dict(bias=_bias((2, 4, 200, 300), 304)), True, id="full"),
     pytest.param(dict(bias=_bias((1, 4, 200, 300), 304)), True, id="per-head-batch1"),
@@ -259,10 +258,9 @@ BIAS_SUPPORTS = [
 
 @pytest.mark.parametrize("over, expected", BIAS_SUPPORTS)
 def test_hopper_supports_bias(over, expected):
-    """A bias is taken only with experimental=True (TRITONFLASH_HOPPER_FWD=1) and only where it
-    is accepted there."""
-    assert hopper.hopper_supports(**_call(**over), experimental=True) is expected
-    assert hopper.hopper_supports(**_call(**over)) is False
+    """The biases the BIAS variant reads by TMA are taken, the others (and a bias with key
+    padding) left to the tl kernel."""
+    assert hopper.hopper_supports(**_call(**over)) is expected
 
 
 def test_plain_scores_still_refuses_bias():
@@ -365,11 +363,10 @@ def test_dispatch_by_mode_and_head_dim(monkeypatch, mode, head_dim, expected):
     assert (forward._hopper_module(head_dim) is hopper) is expected
 
 
-@pytest.mark.parametrize("mode, takes", [(None, False), ("auto", False), ("0", False), ("1", True)])
+@pytest.mark.parametrize("mode, takes", [(None, True), ("auto", True), ("0", False), ("1", True)])
 def test_dispatch_of_a_bias_by_mode(monkeypatch, mode, takes):
-    """attn_fwd with a bias the BIAS variant covers (device check and both launches stubbed):
-    the Hopper kernel only with TRITONFLASH_HOPPER_FWD=1 (experimental, not yet run on a GPU),
-    else the tl kernel; without a bias the default mode still takes the Hopper kernel (d128)."""
+    """attn_fwd with a bias the BIAS variant covers at d128 (device check and both launches
+    stubbed): the Hopper kernel unless TRITONFLASH_HOPPER_FWD=0, with or without the bias."""
     monkeypatch.setattr(forward, "INTERPRET", False)
     monkeypatch.setattr(hopper, "on_sm90", lambda t, capability=None: True)
     ran = []
@@ -700,7 +697,7 @@ def test_causal_invisible_nonfinite_v_in_shared_block(hopper_calls):
 
 
 # --------------------------------------------------------------------------------------------
-# GPU tier (sm_90): additive bias (the BIAS variant, TRITONFLASH_HOPPER_FWD=1 only)
+# GPU tier (sm_90): additive bias (the BIAS variant, the default at d128)
 # --------------------------------------------------------------------------------------------
 
 # seqlens not multiples of the tiles, seqlen_q = 1, seqlen_k < 128, seqlen_k > seqlen_q
@@ -832,19 +829,21 @@ def test_bias_softmax_scale_and_bhsd(hopper_calls, head_dim):
 @sm90
 @pytest.mark.parametrize("mode", [None, "auto", "0"], ids=["default", "auto", "off"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_bias_default_dispatch_takes_the_tl_kernel(default_calls, monkeypatch, mode, head_dim):
-    """The BIAS variant is experimental (not yet run on a GPU when added): without
-    TRITONFLASH_HOPPER_FWD=1 a bias call runs the tl kernel, head dim 128 included."""
+def test_bias_default_dispatch(default_calls, monkeypatch, mode, head_dim):
+    """Unset or auto: a bias call at head dim 128 takes the BIAS variant (docs/perf-notes.md,
+    change 18), at 64 the tl kernel; TRITONFLASH_HOPPER_FWD=0: the tl kernel for both. With a
+    bias that requires grad (the tl backward from the Hopper forward's lse)."""
     _set_mode(monkeypatch, mode)
     q, k, v = make_qkv(2, 1000, 1100, 6, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
     bias = _make_bias("heads", 2, 6, 1000, 1100, requires_grad=True)
-    _check_forward(default_calls, q, k, v, calls=0, grads=True, causal=True, bias=bias)
+    takes = mode != "0" and head_dim in hopper.DEFAULT_HEAD_DIMS
+    _check_forward(default_calls, q, k, v, calls=int(takes), grads=True, causal=True, bias=bias)
 
 
 @pytest.mark.gpu
 @sm90
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known deviation of the experimental BIAS variant (hopper.py docstring): in key blocks after "
+                   reason="known deviation of the BIAS variant (hopper.py docstring): in key blocks after "
                           "the first the bias is added after the causal mask, so a NaN bias entry at a key the diagonal "
                           "hides from a row makes that row NaN (the tl kernel and the reference mask it)")
 def test_bias_nan_at_causally_hidden_key(hopper_calls):

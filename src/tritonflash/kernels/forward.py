@@ -177,11 +177,9 @@ def attn_fwd(q, k, v, bias, alibi_slopes, key_padding_mask, causal, softmax_scal
 
     On sm_90 the calls that ``hopper.hopper_supports`` accepts, of a head dim ``_hopper_module``
     lets through, run the Gluon kernel of kernels/hopper.py instead (same contract)."""
-    mode = _hopper_mode()
-    hopper = _hopper_module(q.shape[-1], mode)
-    # A bias is an experimental Hopper variant (compiled, not yet run on a GPU): mode 1 only.
+    hopper = _hopper_module(q.shape[-1])
     if hopper is not None and hopper.hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale,
-                                                     varlen, features, experimental=mode == "1"):
+                                                     varlen, features):
         return hopper.hopper_fwd(q, k, v, alibi_slopes, causal, softmax_scale, out=out, key_padding_mask=key_padding_mask,
                                  bias=bias)
     pb = problem(q, k, varlen)

@@ -40,8 +40,7 @@ per dimension, so no int32 offset overflows.
 Covered (``hopper_supports``): sm_90, fp16/bf16, head dim 64/128, GQA/MQA, causal (with
 seqlen_k >= seqlen_q, so that without key padding every row sees key 0) or not, ALiBi or not,
 key padding or not, softmax_scale > 0 (the running max is taken on unscaled scores) and at
-least MIN_SOFTMAX_SCALE = 2^-32 (see below), TMA-compatible strides; with TRITONFLASH_HOPPER_FWD=1
-only (experimental: compiled and CPU-checked, not yet run on a GPU), an additive bias of q's
+least MIN_SOFTMAX_SCALE = 2^-32 (see below), TMA-compatible strides; an additive bias of q's
 dtype whose (seqlen_q, seqlen_k) plane is real and TMA-addressable (unit key stride, 16-byte
 aligned base and row stride; batch and head dims full or broadcast), not with key padding
 (``_bias_ok``). Not covered: other biases (row biases (.., 1, seqlen_k), fp32, unaligned rows,
@@ -854,14 +853,12 @@ def _bias_ok(bias, q, seqlen_k) -> bool:
 
 
 def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
-                    capability=None, experimental=False) -> bool:
+                    capability=None) -> bool:
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
-    ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False).
-    ``experimental`` (TRITONFLASH_HOPPER_FWD=1): the variants not yet run on a GPU are taken
-    too: an additive bias (_bias_ok; not with key padding)."""
-    # The forward takes key padding and (experimental) a bias (its own checks, below);
+    ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
+    # The forward takes key padding or a bias (their own checks, below), not both;
     # plain_scores still refuses both for the backward's Gluon pass.
-    if bias is not None and (not experimental or key_padding_mask is not None):
+    if bias is not None and key_padding_mask is not None:
         return False
     if not on_sm90(q, capability) or not plain_scores(None, None, varlen, features, causal):
         return False
