@@ -140,22 +140,15 @@ _launch_fwd = Launcher(_attn_fwd, FWD_CONFIGS, FWD_KEY, prune_fwd)
 HOPPER_ENV = "TRITONFLASH_HOPPER_FWD"
 
 
-def _hopper_mode() -> str:
-    """``TRITONFLASH_HOPPER_FWD`` as ``_hopper_module`` reads it: "0", "1" or "auto"."""
-    return env_mode(HOPPER_ENV, ("0", "1", "auto"), "auto")
-
-
-def _hopper_module(head_dim: int, mode: str | None = None):
-    """kernels/hopper.py if it may take a call of this head dim, else None. ``mode``: the
-    caller's ``_hopper_mode()``, read here when None. ``TRITONFLASH_HOPPER_FWD``
+def _hopper_module(head_dim: int):
+    """kernels/hopper.py if it may take a call of this head dim, else None. ``TRITONFLASH_HOPPER_FWD``
     (read per call, so it is fixed inside a captured CUDA graph or a compiled graph): unset,
     empty or ``auto``, the default: head dims in ``hopper.DEFAULT_HEAD_DIMS`` (where it measured
     faster than the tl kernel, docs/perf-notes.md); ``1``: every head dim it covers; ``0``:
     never (case and surrounding spaces ignored; anything else is a ValueError). Never under the
     interpreter, None where Gluon cannot be imported. Imported on first use, so that
     ``import tritonflash`` does not need Gluon."""
-    if mode is None:
-        mode = _hopper_mode()
+    mode = env_mode(HOPPER_ENV, ("0", "1", "auto"), "auto")
     if INTERPRET or mode == "0":
         return None
     try:
