@@ -31,10 +31,10 @@ import functools
 import os
 import sys
 
-LOG2E = 1.4426950408889634
 
-
+@functools.cache
 def _kernel():
+    """The kernel, made on first use (after --cpu has set TRITON_INTERPRET, which triton.jit reads)."""
     import triton
     import triton.language as tl
 
@@ -100,12 +100,11 @@ def fused_bwd(q, k, v, out, dout, lse, causal, sm_scale, block_m=32, block_n=128
     sem = torch.zeros(b * h * (s // block_m), device=q.device, dtype=torch.int32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = ((s // block_n) * b * h,)
-    _KERNEL[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, sem, q.stride(0), q.stride(1), q.stride(2), h, s, sm_scale,
+    _kernel()[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, sem, q.stride(0), q.stride(1), q.stride(2), h, s, sm_scale,
                   BLOCK_M=block_m, BLOCK_N=block_n, D=d, CAUSAL=causal, num_warps=num_warps, num_stages=num_stages)
     return (dq_acc * sm_scale).to(q.dtype), dk, dv
 
 
-_KERNEL = None
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per head dim, the first the default. Compiled for
 # sm_90a here: d128 (32, 128, 8, *) 220-226 registers, no spills; (64, 128, 8, 2) spills 156-164
 # bytes (kept to see what the spill costs); d64 (64, 128, 8, 2) ~205 registers, (64, 64, 4, 3)
@@ -145,8 +144,6 @@ def main(argv=None) -> int:
 
     from tritonflash.kernels import attn_bwd
 
-    global _KERNEL
-    _KERNEL = _kernel()
     if args.cpu:
         ok = True
         for causal in (True, False):
