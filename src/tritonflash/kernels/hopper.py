@@ -791,7 +791,7 @@ def _hopper_attn_fwd(
 def _tma_ok(t: torch.Tensor) -> bool:
     """A (batch, seqlen, heads, head dim) tensor a TMA descriptor can address: unit last stride,
     16-byte aligned base and strides, no zero stride on a dim of more than one element (the
-    stride of a dim of one element is never used: ``_descriptor`` replaces it)."""
+    stride of a dim of one element is never used: ``_unchecked_descriptor`` replaces it)."""
     size = t.element_size()
     if t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
@@ -908,47 +908,45 @@ def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], GL_DTYPES[dtype])
 
 
-def _descriptor(t, rows):
-    """A 4-D descriptor over t (batch, seqlen, heads, head dim) with one (batch, head) box of
-    ``rows`` rows. A dim of one element gets the stride it would have if t were contiguous from
-    there in: torch gives such dims any stride (0 from an expand, 1 from a slice), which TMA
-    could refuse.
+def _unchecked_descriptor(t, block_shape, layout):
+    """A TensorDescriptor over the 4-D view t, boxes of ``block_shape``, zeros out of bounds. A
+    dim of one element gets the stride it would have if t were contiguous from there in, rounded
+    up to 16 bytes: torch gives such dims any stride (0 from an expand, 1 from a slice), which
+    TMA could refuse (the kernels never step along them).
 
     Built without TensorDescriptor's constructor: its checks (rank, alignment, strides, block
-    shape) are those ``hopper_supports`` made already (_tma_ok, HEAD_DIMS, the fixed boxes), and
-    they cost ~10 us a descriptor, four a call, on the host of a launch that is host-bound below
-    ~0.3 ms of GPU time (benchmarks/experiments/hopper_host.py)."""
+    shape) are those ``hopper_supports`` made already (_tma_ok, _bias_ok, HEAD_DIMS, the fixed
+    boxes), and they cost ~10 us a descriptor, four or five a call, on the host of a launch that
+    is host-bound below ~0.3 ms of GPU time (benchmarks/experiments/hopper_host.py)."""
     strides = list(t.stride())
+    align = 16 // t.element_size()
     for i in range(2, -1, -1):
         if t.shape[i] == 1:
-            strides[i] = strides[i + 1] * t.shape[i + 1]
-    d = t.shape[3]
+            strides[i] = -(-strides[i + 1] * t.shape[i + 1] // align) * align
     desc = object.__new__(TensorDescriptor)
     desc.base, desc.shape, desc.strides = t, list(t.shape), strides
-    desc.block_shape, desc.layout, desc.padding = [1, rows, 1, d], _box_layout(rows, d, t.dtype), "zero"
+    desc.block_shape, desc.layout, desc.padding = block_shape, layout, "zero"
     return desc
+
+
+def _descriptor(t, rows):
+    """A 4-D descriptor over t (batch, seqlen, heads, head dim) with one (batch, head) box of
+    ``rows`` rows (_unchecked_descriptor; the rounding is a no-op here: _tma_ok checked the
+    strides)."""
+    d = t.shape[3]
+    return _unchecked_descriptor(t, [1, rows, 1, d], _box_layout(rows, d, t.dtype))
 
 
 def _bias_descriptor(bias, dtype):
     """A 4-D descriptor over a bias _bias_ok accepted, (batch or 1, heads or 1, seqlen_q,
     seqlen_k), box (1, 1, BLOCK_M, BLOCK_N): a broadcast batch or head dim sliced to one element
-    (the kernel's coordinate there is 0), so that TMA never sees a zero stride; a dim of one
-    element gets the contiguous stride from there in, rounded up to 16 bytes (never used, but
-    TMA checks it)."""
+    (the kernel's coordinate there is 0), so that TMA never sees a zero stride; one-element dims
+    as in _unchecked_descriptor."""
     if bias.stride(0) == 0:
         bias = bias[:1]
     if bias.stride(1) == 0:
         bias = bias[:, :1]
-    strides = list(bias.stride())
-    align = 16 // bias.element_size()
-    for i in range(2, -1, -1):
-        if bias.shape[i] == 1:
-            strides[i] = -(-strides[i + 1] * bias.shape[i + 1] // align) * align
-    desc = object.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides = bias, list(bias.shape), strides
-    desc.block_shape, desc.padding = [1, 1, BLOCK_M, BLOCK_N], "zero"
-    desc.layout = _bias_layout(dtype)
-    return desc
+    return _unchecked_descriptor(bias, [1, 1, BLOCK_M, BLOCK_N], _bias_layout(dtype))
 
 
 @functools.cache
