@@ -21,7 +21,7 @@ Scope: bf16/fp16, no bias, MHA, seqlen_q == seqlen_k a multiple of both tiles. T
 library's backward (``attn_bwd``) on the same forward output; ``--check`` compares dq/dk/dv with
 it. ``--cpu`` runs a small case in the Triton interpreter (no GPU).
 
-    PYTHONPATH=src python3 benchmarks/experiments/fused_dq_bwd.py [--check] [--cpu]
+    PYTHONPATH=src python3 benchmarks/experiments/fused_dq_bwd.py [--check] [--cpu] [--unordered]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _kernel():
     def _fused_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, SEM,
                    stride_b, stride_s, stride_h,  # of q, k, v, do, dk, dv, dq_acc: (batch, seqlen, heads, D), unit last stride
                    nheads, seqlen, sm_scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                   ORDERED: tl.constexpr):
         n_n = seqlen // BLOCK_N
         n_m = seqlen // BLOCK_M
         pid = tl.program_id(0)
@@ -75,12 +76,15 @@ def _kernel():
             ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
             dq = tl.dot(tl.trans(ds_t), k)  # [BLOCK_M, D], this key block's part of dQ
-            sem = SEM + bh * n_m + m
-            while tl.atomic_add(sem, 0, sem="acquire") != n:
-                pass
-            tl.atomic_add(DQA + rows, dq, sem="relaxed")
-            tl.debug_barrier()  # every thread's adds issued before the release below
-            tl.atomic_xchg(sem, n + 1, sem="release")
+            if ORDERED:
+                sem = SEM + bh * n_m + m
+                while tl.atomic_add(sem, 0, sem="acquire") != n:
+                    pass
+                tl.atomic_add(DQA + rows, dq, sem="relaxed")
+                tl.debug_barrier()  # every thread's adds issued before the release below
+                tl.atomic_xchg(sem, n + 1, sem="release")
+            else:
+                tl.atomic_add(DQA + rows, dq, sem="relaxed")  # --unordered: any order (not reproducible)
         cols = base + offs_n[:, None] * stride_s + offs_d[None, :]
         tl.store(DK + cols, (dk * sm_scale).to(k.dtype))
         tl.store(DV + cols, dv.to(v.dtype))
@@ -88,7 +92,7 @@ def _kernel():
     return _fused_bwd
 
 
-def fused_bwd(q, k, v, out, dout, lse, causal, sm_scale, block_m=32, block_n=128, num_warps=8, num_stages=2):
+def fused_bwd(q, k, v, out, dout, lse, causal, sm_scale, block_m=32, block_n=128, num_warps=8, num_stages=2, ordered=True):
     """(dq, dk, dv) of softmax(scale q k^T (+ causal mask)) v, from the forward's out and lse
     (natural log, (batch, heads, seqlen) fp32); q/k/v/out/dout (batch, seqlen, heads, D) contiguous."""
     import torch
@@ -101,7 +105,8 @@ def fused_bwd(q, k, v, out, dout, lse, causal, sm_scale, block_m=32, block_n=128
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = ((s // block_n) * b * h,)
     _kernel()[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, sem, q.stride(0), q.stride(1), q.stride(2), h, s, sm_scale,
-                  BLOCK_M=block_m, BLOCK_N=block_n, D=d, CAUSAL=causal, num_warps=num_warps, num_stages=num_stages)
+                  BLOCK_M=block_m, BLOCK_N=block_n, D=d, CAUSAL=causal, ORDERED=ordered, num_warps=num_warps,
+                  num_stages=num_stages)
     return (dq_acc * sm_scale).to(q.dtype), dk, dv
 
 
@@ -136,6 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="a small case in the Triton interpreter")
     p.add_argument("--check", action="store_true")
     p.add_argument("--headdims", default="128,64")
+    p.add_argument("--seqlens", default="1024,4096,16384")
+    p.add_argument("--unordered", action="store_true",
+                   help="also time the pass without the ordering (dQ atomics in any order: not reproducible), "
+                        "to split the cost of the order from that of the fused pass itself")
     args = p.parse_args(argv)
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -156,9 +165,9 @@ def main(argv=None) -> int:
         print("cpu check", "passed" if ok else "FAILED")
         return 0 if ok else 1
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(f"{'d':>3} {'seqlen':>6} {'causal':>6} {'tile':>16} {'fused ms':>9} {'library ms':>10} {'library/fused':>13}")
+    print(f"{'d':>3} {'seqlen':>6} {'causal':>6} {'tile':>22} {'fused ms':>9} {'library ms':>10} {'library/fused':>13}")
     for d in (int(x) for x in args.headdims.split(",")):
-        for s in (1024, 4096, 16384):
+        for s in (int(x) for x in args.seqlens.split(",")):
             b, h = 16384 // s, 16
             for causal in (True, False):
                 q, k, v, out, dout, lse = _inputs(b, s, h, d, torch.bfloat16, "cuda", causal)
@@ -172,9 +181,11 @@ def main(argv=None) -> int:
                         theirs = attn_bwd(dout, q, k, v, out, lse, None, None, None, causal, scale)[:3]
                         _compare(ours, theirs, f"d{d} s{s} causal={causal} tile {bm}x{bn}")
                         print("  bitwise reproducible:", all(torch.equal(a, b_) for a, b_ in zip(ours, again)))
-                    t_f = triton.testing.do_bench(run)
                     tile = f"{bm}x{bn} w{warps} s{stages}"
-                    print(f"{d:>3} {s:>6} {str(causal):>6} {tile:>16} {t_f:>9.4f} {t_l:>10.4f} {t_l / t_f:>13.3f}", flush=True)
+                    for ordered in (True, False) if args.unordered else (True,):
+                        t_f = triton.testing.do_bench(functools.partial(run, ordered=ordered))
+                        label = tile if ordered else tile + " unord"
+                        print(f"{d:>3} {s:>6} {str(causal):>6} {label:>22} {t_f:>9.4f} {t_l:>10.4f} {t_l / t_f:>13.3f}", flush=True)
     return 0
 
 

@@ -10,7 +10,9 @@ bf16 bias, d128, 16384 tokens, interleaved repeats:
   consumers read whatever shared memory holds (L2/DRAM traffic of the bias removed);
 - ``neither``: both removed: what is left is the variant's structure (2 stages, every block masked,
   the -inf-safe softmax; the compiler drops the unused bias ring: 164 KB of shared memory);
-- ``nobias``: the library's kernel without a bias (3 stages, the unmasked loop).
+- ``nobias``: the library's kernel without a bias (3 stages, the unmasked loop);
+- ``nobias2``: the same with a 2-stage K/V ring, as the bias variant has at d128 (how much of
+  ``neither`` - ``nobias`` the ring depth is).
 
 The patched kernels compute wrong outputs (timing only). Needs a GPU; run under ``timeout``.
 All four compile for sm_90a without spills or C7515 (168 registers, checked with tests/sm90_compile.py's
@@ -37,7 +39,9 @@ TMA = """        mbarrier.expect(b_bar.index(s), bias_desc.block_type.nbytes)
                                         tile.reshape([1, 1, tile.shape[0], tile.shape[1]]))"""
 NO_READ = "    return sc"
 NO_TMA = "        mbarrier.arrive(b_bar.index(s), count=1)"
-PATCHES = {"noread": ((READ, NO_READ),), "notma": ((TMA, NO_TMA),), "neither": ((READ, NO_READ), (TMA, NO_TMA))}
+PATCHES = {"noread": ((READ, NO_READ),), "notma": ((TMA, NO_TMA),), "neither": ((READ, NO_READ), (TMA, NO_TMA)),
+           "nobias2": (("STAGES = gl.constexpr(3)", "STAGES = gl.constexpr(2)"),)}
+NO_BIAS = {"nobias2"}  # copies timed without a bias
 
 
 def patched_modules() -> dict:
@@ -61,7 +65,8 @@ def time_shape(mods: dict, s: int, causal: bool, repeats: int) -> dict:
     import triton
     q, k, v = (torch.randn(16384 // s, s, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 16, s, s, device="cuda", dtype=torch.bfloat16)
-    runs = {n: (lambda mod=mod: mod.hopper_fwd(q, k, v, None, causal, 0.125, bias=bias)) for n, mod in mods.items()}
+    runs = {n: (lambda mod=mod, b=None if n in NO_BIAS else bias: mod.hopper_fwd(q, k, v, None, causal, 0.125, bias=b))
+            for n, mod in mods.items()}
     runs["nobias"] = lambda: mods["bias"].hopper_fwd(q, k, v, None, causal, 0.125)
     times = {n: [] for n in runs}
     for _ in range(repeats):
