@@ -273,23 +273,15 @@ def _library_dbias(q, k, v, bias, causal, dout):
     return torch.autograd.grad(out, bias, dout)[0]
 
 
-def _library_dbias_ms(q, k, v, bias, causal, dout, reps=5):
+def _library_dbias_ms(q, k, v, bias, causal, dout):
     """CUDA time of the library's _attn_bwd_dbias kernel in a fwd+bwd (torch profiler)."""
+    from exp_bwd_configs import kernel_times  # this folder (run as a script)
+
+    from tritonflash import flash_attn_func
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
     bias = bias.detach().requires_grad_()
-    from tritonflash import flash_attn_func
-
-    def run():
-        torch.autograd.grad(flash_attn_func(qq, kk, vv, bias, causal), (qq, kk, vv, bias), dout)
-
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages() if e.key.startswith("_attn_bwd_dbias")) / reps / 1000
+    times = kernel_times(lambda: torch.autograd.grad(flash_attn_func(qq, kk, vv, bias, causal), (qq, kk, vv, bias), dout))
+    return sum(ms for key, ms in times.items() if key.startswith("_attn_bwd_dbias"))
 
 
 def main(argv=None) -> int:
