@@ -1,5 +1,5 @@
 """The issue-15 Gluon bias-gradient spike (benchmarks/experiments/gluon_dbias.py) compiles for
-sm_90a at head dim 64, causal and not.
+sm_90a at head dim 64, causal and not, and its arithmetic (written in torch) matches autograd.
 
 Not the library's path: this guards the spike (which imports kernels/hopper.py's descriptor
 helpers) against API drift until it is measured on a GPU. Compiled in a subprocess through
@@ -33,3 +33,11 @@ def test_spike_compiles_for_sm90_with_async_wgmma_and_tma():
         # The causal variant spills 8 bytes at d64 (MHA; none with GQA): a bound, not zero.
         assert r["spill_bytes"] <= 16, r
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_spike_formula_matches_autograd():
+    """The kernel's arithmetic, written in torch (formula_dbias: log2 units, the causal mask folded
+    into the bias as -inf, a -inf lse read as +inf), against autograd through the reference, with
+    GQA, seqlen_k > seqlen_q, a row with no visible key and a NaN bias at a hidden key."""
+    proc, _ = run_compile_script(SPIKE, "--formula", timeout=300)
+    assert proc.returncode == 0 and "formula check passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

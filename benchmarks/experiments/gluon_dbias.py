@@ -33,8 +33,11 @@ of BN (full boxes: the spike does not handle ragged ends), no ALiBi, key padding
 Needs a GPU except ``--compile-only`` (sm_90a through tests/sm90_compile.py's stand-in driver);
 run under ``timeout`` (a wrong barrier phase hangs).
 
-    PYTHONPATH=src python3 benchmarks/experiments/gluon_dbias.py [--compile-only [--gqa 1,4]] [--check] [--seqlens 1024,4096]
-        [--headdims 64,128]
+    PYTHONPATH=src python3 benchmarks/experiments/gluon_dbias.py [--compile-only [--gqa 1,4]] [--formula]
+        [--check] [--seqlens 1024,4096] [--headdims 64,128]
+
+``--formula`` checks, on the CPU, the kernel's arithmetic written in torch (formula_dbias)
+against autograd through the library's reference: it guards the math, not the kernel.
 """
 
 from __future__ import annotations
@@ -265,6 +268,53 @@ def compile_only(head_dims, gqas) -> int:
     return 0 if ok else 1
 
 
+def formula_dbias(q, k, v, dout, out, lse, bias, causal, softmax_scale):
+    """The kernel's arithmetic in torch (CPU or GPU, any float dtype): the causal mask folded into
+    the bias as -inf, P = exp2(q.k * scale * log2 e + bias * log2 e - lse * log2 e) with a row's
+    lse of -inf read as +inf, then dS = P * (dP - delta) summed over the batch. Shapes as
+    gluon_dbias; returns (1, h, sq, sk) in q's dtype."""
+    batch, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    k, v = (x.repeat_interleave(h // hk, dim=2) for x in (k, v))  # query head h reads kv head h // group
+    b = bias.to(q.dtype)
+    if causal:
+        hidden = torch.arange(sk, device=q.device)[None, :] > torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        b = b.masked_fill(hidden, float("-inf"))
+    lse2 = (lse * LOG2E).masked_fill(lse == float("-inf"), float("inf"))
+    delta = (out.to(q.dtype) * dout).sum(-1).transpose(1, 2)  # (batch, h, sq)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, v)
+    p = torch.exp2(s * (softmax_scale * LOG2E) + b * LOG2E - lse2[..., None])
+    return (p * (dp - delta[..., None])).sum(0, keepdim=True)
+
+
+def formula_check() -> float:
+    """formula_dbias against autograd through tritonflash.reference.attention_ref (fp32 on the
+    CPU: GQA, seqlen_k > seqlen_q, causal and not, a row whose every key has a -inf bias and a
+    NaN bias at a causally hidden key). Returns the largest error relative to the largest value."""
+    from tritonflash.reference import attention_ref
+
+    torch.manual_seed(0)
+    worst = 0.0
+    for causal in (False, True):
+        b, sq, sk, h, hk, d = 3, 24, 40, 4, 2, 16
+        q = torch.randn(b, sq, h, d)
+        k, v = (torch.randn(b, sk, hk, d) for _ in range(2))
+        dout = torch.randn(b, sq, h, d)
+        bias = torch.randn(1, h, sq, sk)
+        bias[0, 1, 5] = float("-inf")  # a row that sees no key
+        if causal:
+            bias[0, 2, 0, sk - 1] = float("nan")  # hidden from row 0 by the causal mask
+        bias.requires_grad_()
+        out, lse = attention_ref(q, k, v, bias, causal, d ** -0.5, return_lse=True)
+        (grad,) = torch.autograd.grad(out, bias, dout)
+        ours = formula_dbias(q, k, v, dout, out.detach(), lse.detach(), bias.detach(), causal, d ** -0.5)
+        if not (torch.isfinite(ours).all() and torch.isfinite(grad).all()):
+            return float("inf")
+        worst = max(worst, ((ours - grad).abs().max() / grad.abs().max()).item())
+    return worst
+
+
 def _library_dbias(q, k, v, bias, causal, dout):
     """The library's bias gradient through its public API (flash_attn_func, autograd)."""
     from tritonflash import flash_attn_func
@@ -291,14 +341,36 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", default="1024,4096")
     p.add_argument("--headdims", default="64,128")
     p.add_argument("--gqa", default="1,4", help="--compile-only: the GQA group sizes compiled")
+    p.add_argument("--formula", action="store_true",
+                   help="check the kernel's arithmetic, written in torch, against autograd on the CPU (no GPU)")
     args = p.parse_args(argv)
+    if args.formula:
+        err = formula_check()
+        print(f"formula check {'passed' if err < 1e-4 else 'FAILED'} (max rel diff {err:.2e})")
+        return 0 if err < 1e-4 else 1
     if args.compile_only:
         return compile_only([int(x) for x in args.headdims.split(",")], [int(x) for x in args.gqa.split(",")])
     from tritonflash import flash_attn_func
 
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(f"{'d':>3} {'seqlen':>6} {'causal':>6} {'gluon ms':>9} {'library ms':>10} {'library/gluon':>13} {'max rel diff':>12}")
     worst = 0.0
+    if args.check:
+        # Small cases the timed shapes do not cover: GQA, seqlen_k > seqlen_q (causal offset and
+        # all-zero tiles), each head dim.
+        for d in (int(x) for x in args.headdims.split(",")):
+            for causal in (False, True):
+                torch.manual_seed(1)
+                q, dout = (torch.randn(2, 256, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                k, v = (torch.randn(2, 512, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                bias = torch.randn(1, 8, 256, 512, device="cuda", dtype=torch.bfloat16)
+                out, lse = flash_attn_func(q, k, v, bias, causal, return_lse=True)
+                delta = (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
+                ours = gluon_dbias(q, k, v, dout, lse.contiguous(), delta, bias, causal, d ** -0.5)
+                theirs = _library_dbias(q, k, v, bias, causal, dout)
+                err = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+                worst = max(worst, err)
+                print(f"check d{d} gqa 8/2 sq 256 sk 512 causal={causal}: max rel diff {err:.2e}", flush=True)
+    print(f"{'d':>3} {'seqlen':>6} {'causal':>6} {'gluon ms':>9} {'library ms':>10} {'library/gluon':>13} {'max rel diff':>12}")
     for d in (int(x) for x in args.headdims.split(",")):
         for s in (int(x) for x in args.seqlens.split(",")):
             b, h = 16384 // s, 2048 // d  # the bias_grad suite's shapes
