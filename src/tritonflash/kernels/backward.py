@@ -425,6 +425,9 @@ def attn_bwd(
     if dbias_cols is not None:
         # Summed over broadcast batches/heads in fp32, rounded to the bias dtype once.
         dbias = dbias_cols.sum_to_size(bias.shape).to(bias.dtype)
+    elif row_grad and _hopper_dbias_takes(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen,
+                                          features):
+        dbias = _hopper_dbias_module().hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale)
     elif row_grad:
         dbias = torch.empty(bias.shape, device=q.device, dtype=bias.dtype)
         sum_batch = batch if bias.shape[0] == 1 else 1
@@ -461,6 +464,30 @@ def _hopper_bwd_module():
     except ImportError:
         return None
     return hopper_bwd
+
+
+HOPPER_DBIAS_ENV = "TRITONFLASH_HOPPER_DBIAS"
+
+
+def _hopper_dbias_module():
+    """kernels/hopper_dbias.py (the Gluon bias-gradient pass, EXPERIMENTAL) when
+    ``TRITONFLASH_HOPPER_DBIAS=1``, else None (unset, empty or 0: off; anything else is a
+    ValueError). Never under the interpreter; imported on first use."""
+    mode = env_mode(HOPPER_DBIAS_ENV, ("0", "1"), "0")
+    if INTERPRET or mode == "0":
+        return None
+    try:
+        from . import hopper_dbias
+    except ImportError:
+        return None
+    return hopper_dbias
+
+
+def _hopper_dbias_takes(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
+    """Whether the switch is on and the Gluon bias-gradient pass covers this call."""
+    module = _hopper_dbias_module()
+    return module is not None and module.hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal,
+                                                               softmax_scale, varlen, features)
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

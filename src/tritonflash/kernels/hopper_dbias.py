@@ -1,0 +1,308 @@
+"""Hopper (sm_90) bias-gradient pass in Gluon, warp-specialised (issue 15, item 3). EXPERIMENTAL,
+opt-in: ``attn_bwd`` runs it with ``TRITONFLASH_HOPPER_DBIAS=1`` (``backward._hopper_dbias_module``)
+for the calls ``hopper_dbias_supports`` accepts; off by default until a GPU run has verified and
+timed it (docs/perf-notes.md, change 20).
+
+It computes what ``backward._attn_bwd_dbias`` computes for a bias with a row dimension: dbias =
+dS = P * (dP - delta) summed over the bias's broadcast batch and head dims, P = exp(scale * q.k +
+bias - lse), dP = dO V^T, delta = rowsum(dO * O); deterministically (each CTA owns its dbias tile
+and adds the summed slices in one order, no atomics). The ``tl`` pass holds 64 x 64 tiles (larger
+ones spill) and is bound by L2-to-SM traffic: it streams Q, dO, K and V for every summed slice.
+
+Structure (one CTA per 128 query rows x BN keys of one dbias slice; BN = 128 at d64, 64 at d128,
+where shared memory allows 2 stages):
+- a producer warp loads the CTA's bias tile once (two 64-row halves), then for every summed
+  (batch, head) the two 64-row halves of Q and dO and the BN rows of K and V by TMA into a 2-stage
+  ring (a ready barrier with expect-tx, an empty barrier with one arrival per consumer);
+- two consumer warpgroups, each owning 64 query rows, issue S = Q K^T and dP = dO V^T back to back
+  (async wgmma, both operands in shared memory), compute P from S while dP runs (the bias read
+  from shared memory in the accumulator layout every step), and add P * (dP - delta) to an fp32
+  sum in registers. No matmul uses P or dS: a warpgroup holds three [64, BN] fp32 tiles (S, dP,
+  the sum). Under causal masking the mask is folded into the warpgroup's bias half once, as -inf
+  (which also drops a NaN or +inf bias at a hidden key); a tile no row sees gets zeros, no loop;
+- epilogue: the sum in the bias dtype, staged in the warpgroup's bias half, stored by TMA.
+
+Ragged ends. Q/dO rows past seqlen_q are zero-filled and their lse is read as +inf (delta 0), so
+P = 0 there; a 64-row half wholly past seqlen_q is neither loaded nor stored (its warpgroup
+computes on whatever the buffers hold, in step with the other, and its rows are never stored).
+Keys past seqlen_k read zeros; their columns are clipped by the TMA store. A row with no visible
+key (lse -inf) gets P = 0, as the tl pass gives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_ok, _descriptor, _tma_box, _tma_ok, _unchecked_descriptor, on_sm90
+
+HALF_M = 64  # query rows per consumer warpgroup; a CTA has two
+BLOCK_M = 2 * HALF_M
+STAGES = gl.constexpr(2)  # ring stages: d128 holds 2 x 96 KB of Q/dO/K/V + the 16 KB bias tile
+
+
+def block_n(head_dim: int) -> int:
+    """Keys per CTA: 128 at d64 (2 x 64 KB stages + a 32 KB bias tile), 64 at d128 (shared memory)."""
+    return 128 if head_dim <= 64 else 64
+
+
+@gluon.jit
+def _dbias_producer(q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar,
+                    empty_bar, bb, bh, db, dh, sum_heads, kv_group, m0, n0, n_steps, seqlen_q):
+    NS: gl.constexpr = k_smem.shape[0]
+    HM: gl.constexpr = q_smem.shape[1]
+    BN: gl.constexpr = b_smem.shape[2]
+    HALF_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
+    KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    BIAS_BYTES: gl.constexpr = bias_desc.block_type.nbytes
+    # The second 64-row half only if it has a real row (a wholly out-of-bounds box is not relied
+    # on to signal its bytes); the byte counts are immediates, hence complementary predicates.
+    second = m0 + HM < seqlen_q
+    mbarrier.expect(b_bar, 2 * BIAS_BYTES, pred=second)
+    mbarrier.expect(b_bar, BIAS_BYTES, pred=m0 + HM >= seqlen_q)
+    tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, n0], b_bar, b_smem.index(0).reshape([1, 1, HM, BN]))
+    tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0 + HM, n0], b_bar, b_smem.index(1).reshape([1, 1, HM, BN]),
+                                    pred=second)
+    for t in range(n_steps):  # the summed (batch, head) slices, heads fastest
+        b = db + t // sum_heads
+        h = dh + t % sum_heads
+        hk = h // kv_group
+        s = t % NS
+        # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
+        mbarrier.wait(empty_bar.index(s), ((t // NS) & 1) ^ 1)
+        bar = ready_bar.index(s)
+        mbarrier.expect(bar, 2 * HALF_BYTES + KV_BYTES, pred=second)
+        mbarrier.expect(bar, HALF_BYTES + KV_BYTES, pred=m0 + HM >= seqlen_q)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], bar, _tma_box(q_smem.index(2 * s)))
+        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], bar, _tma_box(do_smem.index(2 * s)))
+        tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], bar, _tma_box(q_smem.index(2 * s + 1)), pred=second)
+        tma.async_copy_global_to_shared(do_desc, [b, m0 + HM, h, 0], bar, _tma_box(do_smem.index(2 * s + 1)), pred=second)
+        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], bar, _tma_box(k_smem.index(s)))
+        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], bar, _tma_box(v_smem.index(s)))
+
+
+@gluon.jit
+def _dbias_consumer(WG: gl.constexpr, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr,
+                    delta_ptr, db, dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale,
+                    CAUSAL: gl.constexpr):
+    NS: gl.constexpr = k_smem.shape[0]
+    HM: gl.constexpr = q_smem.shape[1]
+    BN: gl.constexpr = b_smem.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    LOG2E_C: gl.constexpr = 1.4426950408889634
+    row0 = m0 + WG * HM
+    rows = gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    in_q = (row0 + rows) < seqlen_q
+    bias_t = b_smem.index(WG)
+    acc = gl.zeros([HM, BN], gl.float32, s_layout)
+    mbarrier.wait(b_bar, 0)  # also before the epilogue overwrites the buffer when n_steps = 0
+    if CAUSAL:
+        # -inf where key j is hidden from query i (j > i + seqlen_k - seqlen_q), once: the loop
+        # then runs the non-causal code (a mask built in the loop is loop-invariant, was hoisted
+        # and spilled 56-68 bytes at d64). Each thread rewrites the elements it reads.
+        visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (row0 + seqlen_k - seqlen_q - n0), 1)
+        bias_t.store(gl.where(visible, bias_t.load(s_layout), float("-inf")).to(bias_t.dtype))
+        gl.thread_barrier()
+    for t in range(n_steps):
+        b = db + t // sum_heads  # (db, dh) is the first summed slice: 0 on a summed dim
+        h = dh + t % sum_heads
+        s = t % NS
+        # lse and delta of the slice's rows, read before the wait (their latency overlaps the TMA).
+        # Rows past seqlen_q and rows that see no key (lse -inf) get lse +inf: P = 0.
+        stat = (b * nheads + h).to(gl.int64) * seqlen_q + row0
+        lse2 = gl.load(lse_ptr + stat + rows, mask=in_q, other=float("inf")) * LOG2E_C
+        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+        delta = gl.load(delta_ptr + stat + rows, mask=in_q, other=0.0)
+        mbarrier.wait(ready_bar.index(s), (t // NS) & 1)
+        s_tok = warpgroup_mma(q_smem.index(2 * s + WG), k_smem.index(s).permute((1, 0)), gl.zeros([HM, BN], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_smem.index(2 * s + WG), v_smem.index(s).permute((1, 0)),
+                               gl.zeros([HM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        # P in log2 units: q.k * scale * log2 e + bias * log2 e - lse * log2 e.
+        p = gl.exp2(sc * qk_scale + bias_t.load(s_layout).to(gl.float32) * LOG2E_C - gl.expand_dims(lse2, 1))
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+        gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
+        mbarrier.arrive(empty_bar.index(s), count=1)
+        acc += p * (dp - gl.expand_dims(delta, 1))
+    if row0 < seqlen_q:
+        # The bias half is read for the last time above: it stages the sum for the store, which
+        # drops the rows past seqlen_q and the keys past seqlen_k.
+        bias_t.store(acc.to(bias_t.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dbias_desc, [db, dh, row0, n0], bias_t.reshape([1, 1, HM, BN]))
+        tma.store_wait(pendings=0)
+
+
+# One wrapper per consumer warpgroup: WG is a literal (a flag passed through warp_specialize is
+# not a real constexpr in Gluon 3.6, see hopper.py).
+@gluon.jit
+def _dbias_consumer0(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
+                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
+    _dbias_consumer(0, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db,
+                    dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+
+
+@gluon.jit
+def _dbias_consumer1(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
+                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
+    _dbias_consumer(1, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db,
+                    dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+def _hopper_attn_bwd_dbias(
+    q_desc, do_desc, k_desc, v_desc,  # 4-D (batch, seqlen, heads, head dim), boxes of 64 (q, do) / BN (k, v) rows
+    bias_desc,  # 4-D (batch or 1, heads or 1, seqlen_q, seqlen_k), broadcast dims sliced to one element; box (1, 1, 64, BN)
+    dbias_desc,  # 4-D, the gradient (the bias view's shape, contiguous); box (1, 1, 64, BN)
+    lse_ptr, delta_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous; lse natural log
+    dbias_heads, sum_batch, sum_heads, nheads, kv_group, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+):
+    HM: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    BN: gl.constexpr = k_desc.block_type.shape[1]
+    BM: gl.constexpr = 2 * HM
+    # Key blocks fastest (the CTAs side by side read the same Q/dO rows), then query blocks, then
+    # dbias slices: a wave of CTAs covers a few query blocks of one slice, whose K/V and Q/dO
+    # stay in L2.
+    n_n = (seqlen_k + BN - 1) // BN
+    n_m = (seqlen_q + BM - 1) // BM
+    pid = gl.program_id(0)
+    n0 = (pid % n_n) * BN
+    m0 = ((pid // n_n) % n_m) * BM
+    slice_id = pid // (n_n * n_m)
+    # This tile's dbias (batch, head), 0 on a summed (size-1) dim: also the first summed slice.
+    db = slice_id // dbias_heads
+    dh = slice_id % dbias_heads
+    bb = gl.minimum(db, bias_desc.shape[0] - 1)  # the bias's own coordinates (one element if broadcast)
+    bh = gl.minimum(dh, bias_desc.shape[1] - 1)
+    n_steps = sum_batch * sum_heads
+    if CAUSAL:
+        # No row of the tile sees its first key: the tile is all zeros (no Q/dO/K/V loads, no loop).
+        n_steps = gl.where(n0 <= m0 + BM - 1 + seqlen_k - seqlen_q, n_steps, 0)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
+    b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, BN], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HM, D], q_layout)  # stage s, warpgroup w: 2 * s + w
+    do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HM, D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+    b_smem = gl.allocate_shared_memory(dtype, [2, HM, BN], b_layout)
+    b_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(b_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bar.index(i), count=1)
+        mbarrier.init(empty_bar.index(i), count=2)
+    fence_async_shared()
+
+    consumer_args = (dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
+                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+    gl.warp_specialize([
+        (_dbias_consumer0, consumer_args),
+        (_dbias_consumer1, consumer_args),
+        (_dbias_producer, (q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar,
+                           empty_bar, bb, bh, db, dh, sum_heads, kv_group, m0, n0, n_steps, seqlen_q)),
+    ], [4, P_WARPS], [C_REGS, P_REGS])
+
+
+# --------------------------------------------------------------------------------------------
+# Host
+# --------------------------------------------------------------------------------------------
+
+def hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features,
+                          capability=None) -> bool:
+    """Whether ``hopper_dbias`` computes this ``attn_bwd`` call's bias gradient (its arguments,
+    validated, with a bias that requires grad): sm_90 (``capability`` (major, minor), else q's
+    device), fp16/bf16, head dim 64/128, a bias of q's dtype with a real (seqlen_q, seqlen_k)
+    plane that TMA can read (``hopper._bias_ok``) and a gradient TMA can write (seqlen_k * 2 bytes
+    a multiple of 16), no ALiBi, key padding, varlen or score feature, causal only with
+    seqlen_k >= seqlen_q, TMA-addressable q/k/v/dout and a contiguous lse."""
+    if not on_sm90(q, capability) or bias is None or alibi_slopes is not None or key_padding_mask is not None:
+        return False
+    if varlen is not None:
+        return False
+    left, right = features.window
+    if left != -1 or right not in ((-1, 0) if causal else (-1,)):
+        return False
+    if features.softcap != 0 or features.sinks is not None or features.dropout_p != 0 or features.attn_mask is not None:
+        return False
+    if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout)):
+        return False
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch or dout.shape != q.shape:
+        return False
+    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
+        return False
+    if (causal and seqlen_k < seqlen_q) or not abs(softmax_scale) < float("inf") or not lse.is_contiguous():
+        return False
+    if not _bias_ok(bias, q, seqlen_k) or (seqlen_k * bias.element_size()) % 16:
+        return False
+    return all(_tma_ok(t) for t in (q, k, v, dout))
+
+
+@functools.cache
+def _plane_layout(bn: int, dtype: torch.dtype):
+    """The shared layout of a (1, 1, 64, bn) bias/dbias box: that of the kernel's bias halves."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, HALF_M, bn], GL_DTYPES[dtype])
+
+
+def _plane_descriptor(t, bn):
+    """A 4-D descriptor over a (batch or 1, heads or 1, seqlen_q, seqlen_k) plane, boxes (1, 1,
+    64, bn): a broadcast (stride 0) batch or head dim sliced to one element (the kernel's
+    coordinate there is 0), one-element dims as in hopper._unchecked_descriptor."""
+    if t.stride(0) == 0:
+        t = t[:1]
+    if t.stride(1) == 0:
+        t = t[:, :1]
+    return _unchecked_descriptor(t, [1, 1, HALF_M, bn], _plane_layout(bn, t.dtype))
+
+
+def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
+    """The bias gradient, (bias.shape) in the bias dtype, contiguous, for a call
+    ``hopper_dbias_supports`` accepted: dS summed over the bias's size-1 batch and head dims.
+    lse, delta: (batch, nheads, seqlen_q) fp32 contiguous (natural-log lse from the forward,
+    delta = rowsum(o * do))."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    bn = block_n(head_dim)
+    dbias = torch.empty(bias.shape, device=q.device, dtype=bias.dtype)
+    grid = (bias.shape[0] * bias.shape[1] * triton.cdiv(seqlen_q, BLOCK_M) * triton.cdiv(seqlen_k, bn),)
+    _hopper_attn_bwd_dbias[grid](
+        q_desc=_descriptor(q, HALF_M),
+        do_desc=_descriptor(dout, HALF_M),
+        k_desc=_descriptor(k, bn),
+        v_desc=_descriptor(v, bn),
+        bias_desc=_plane_descriptor(bias, bn),
+        dbias_desc=_plane_descriptor(dbias, bn),
+        lse_ptr=lse,
+        delta_ptr=delta,
+        dbias_heads=bias.shape[1],
+        sum_batch=batch if bias.shape[0] == 1 else 1,
+        sum_heads=nheads if bias.shape[1] == 1 else 1,
+        nheads=nheads,
+        kv_group=nheads // nheads_k,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        qk_scale=float(softmax_scale) * LOG2E,
+        CAUSAL=bool(causal),
+        **WARP_SPECIALISED,
+    )
+    return dbias

@@ -1,0 +1,263 @@
+"""The Gluon Hopper bias-gradient pass (kernels/hopper_dbias.py, issue 15 item 3; EXPERIMENTAL,
+opt-in with ``TRITONFLASH_HOPPER_DBIAS=1``).
+
+CPU tier: the switch's values, that it stays off under the interpreter, which calls it takes
+(``hopper_dbias_supports``), and that the kernel compiles for sm_90a (stand-in driver, one
+subprocess for every variant) within shared memory, with async wgmma that ptxas did not
+serialise. GPU tier (sm_90 only): flash_attn_func's gradients with the switch on against the
+reference (docs/testing.md's rule) for every bias layout it takes, a spy asserting the Gluon pass
+ran, bitwise-equal gradients from two runs and the tl pass's answer where both run. The GPU
+smoke tests come first (a barrier hang shows early; run the file under `timeout`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, run_compile_script, spy_calls
+from tritonflash import flash_attn_func
+from tritonflash.kernels import backward, hopper_dbias
+from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
+
+HERE = Path(__file__).parent
+ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
+
+
+@pytest.fixture
+def dbias_calls(monkeypatch):
+    """Turns the Gluon bias-gradient pass on and records the shape of q of each call that reached it."""
+    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "1")
+    return spy_calls(monkeypatch, hopper_dbias, "hopper_dbias")
+
+
+def _bias(shape, dtype, row_pad=0):
+    """A learned bias of ``shape`` (its last dim padded by ``row_pad`` elements in memory)."""
+    *lead, sk = shape
+    return torch.randn(*lead, sk + row_pad, device=DEVICE).mul(2).to(dtype)[..., :sk].requires_grad_()
+
+
+def _check(dbias_calls, b, sq, sk, h, hk, d, causal, bias_dims="heads", dtype=torch.bfloat16, taken=True):
+    q, k, v = make_qkv(b, sq, sk, h, d, dtype, DEVICE, nheads_k=hk)
+    lead = {"heads": (1, h), "full": (b, h), "shared": (1, 1), "batch": (b, 1)}[bias_dims]
+    bias = _bias((*lead, sq, sk), dtype)
+    out = flash_attn_func(q, k, v, bias, causal)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=causal)
+    assert bool(dbias_calls) is taken, f"the Gluon bias-gradient pass {'did not run' if taken else 'ran'}"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU smoke tier, first in the file
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("sq, sk, causal", [(16, 8, False), (64, 80, False), (200, 304, True), (1088, 1088, True)])
+def test_smoke(dbias_calls, sq, sk, causal):
+    _check(dbias_calls, 2, sq, sk, 2, 2, 64, causal)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU tier
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias_dims", ["heads", "full", "shared", "batch"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("sq, sk", [(128, 128), (1000, 1000), (257, 512), (50, 72), (300, 104)])
+def test_gradients_match_reference(dbias_calls, sq, sk, heads, bias_dims, head_dim, causal):
+    # Causal with seqlen_k < seqlen_q has rows that see no key: the tl pass takes it.
+    _check(dbias_calls, 2, sq, sk, heads[0], heads[1], head_dim, causal, bias_dims, taken=not (causal and sk < sq))
+
+
+@pytest.mark.gpu
+@sm90
+def test_fp16(dbias_calls):
+    _check(dbias_calls, 2, 300, 304, 4, 2, 128, True, dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@sm90
+def test_broadcast_and_padded_bias_layouts(dbias_calls):
+    """A batch-expanded bias (stride 0: a gradient per batch, summed by autograd into the base)
+    and a bias whose rows are padded in memory (row stride > seqlen_k)."""
+    q, k, v = make_qkv(3, 136, 136, 4, 64, torch.bfloat16, DEVICE, nheads_k=2)
+    base = _bias((1, 4, 136, 136), torch.bfloat16)
+    expanded = base.expand(3, 4, 136, 136)
+    out = flash_attn_func(q, k, v, expanded, True)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=base, causal=True)
+    padded = _bias((1, 4, 136, 136), torch.bfloat16, row_pad=8)
+    out = flash_attn_func(q, k, v, padded, False)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=padded)
+    assert len(dbias_calls) == 2
+
+
+@pytest.mark.gpu
+@sm90
+def test_masking_biases(dbias_calls):
+    """-inf entries (a row with no visible key gets a zero gradient) and, under causal masking, a
+    NaN bias at a key the diagonal hides: its gradient is 0, and no NaN reaches other entries."""
+    q, k, v = make_qkv(2, 192, 256, 4, 64, torch.bfloat16, DEVICE)
+    bias = torch.randn(1, 4, 192, 256, device=DEVICE).to(torch.bfloat16)
+    bias[0, 1, 7] = float("-inf")  # row 7 of head 1 sees no key
+    bias[0, 2, 3, 250] = float("nan")  # hidden from row 3 (sees keys <= 3 + 64)
+    bias.requires_grad_()
+    out = flash_attn_func(q, k, v, bias, True)
+    (grad,) = torch.autograd.grad(out, bias, torch.randn_like(out))
+    assert dbias_calls
+    assert torch.isfinite(grad).all()
+    assert (grad[0, 1, 7] == 0).all() and grad[0, 2, 3, 250] == 0
+
+
+@pytest.mark.gpu
+@sm90
+def test_deterministic_and_equal_to_the_tl_pass_within_rounding(dbias_calls, monkeypatch):
+    q, k, v = make_qkv(4, 1024, 1024, 8, 64, torch.bfloat16, DEVICE)
+    bias = _bias((1, 8, 1024, 1024), torch.bfloat16)
+    dout = torch.randn(4, 1024, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    grads = [torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)[0] for _ in range(2)]
+    assert len(dbias_calls) == 2
+    assert torch.equal(grads[0], grads[1])
+    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "0")
+    (tl,) = torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)
+    assert len(dbias_calls) == 2
+    # Both sum 4 batches in fp32 and round once to bf16: within a few bf16 steps of each other.
+    assert ((grads[0].float() - tl.float()).abs().max() / tl.float().abs().max()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@sm90
+def test_not_taken_with_alibi_or_fp32_bias(dbias_calls):
+    q, k, v = make_qkv(1, 128, 128, 2, 64, torch.bfloat16, DEVICE)
+    slopes = torch.tensor([[0.5, 0.25]], device=DEVICE)
+    bias = _bias((1, 2, 128, 128), torch.bfloat16)
+    flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes).float().square().sum().backward()
+    flash_attn_func(q, k, v, _bias((1, 2, 128, 128), torch.float32), True).float().square().sum().backward()
+    assert not dbias_calls
+
+
+# --------------------------------------------------------------------------------------------
+# CPU tier
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, on", [(None, False), ("", False), ("0", False), (" 1 ", True)])
+def test_switch(monkeypatch, raw, on):
+    if raw is None:
+        monkeypatch.delenv(backward.HOPPER_DBIAS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, raw)
+    monkeypatch.setattr(backward, "INTERPRET", False)
+    assert (backward._hopper_dbias_module() is hopper_dbias) is on
+
+
+def test_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "yes")
+    with pytest.raises(ValueError, match="TRITONFLASH_HOPPER_DBIAS"):
+        backward._hopper_dbias_module()
+
+
+def test_off_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "1")
+    monkeypatch.setattr(backward, "INTERPRET", True)
+    assert backward._hopper_dbias_module() is None
+
+
+def _call(b=2, sq=200, sk=304, h=4, hk=2, d=64, dtype=torch.bfloat16, bias_shape=None, **over):
+    """hopper_dbias_supports' arguments for an attn_bwd call on CPU stand-in tensors (never read):
+    the sizes make q/k/v/dout, lse and a (1, h, sq, sk) bias; ``over`` replaces any argument."""
+    q, k = torch.empty(b, sq, h, d, dtype=dtype), torch.empty(b, sk, hk, d, dtype=dtype)
+    bias = torch.empty(bias_shape or (1, h, sq, sk), dtype=dtype)
+    args = dict(q=q, k=k, v=k, dout=q, lse=torch.empty(b, h, sq), bias=bias, alibi_slopes=None, key_padding_mask=None,
+                causal=False, softmax_scale=0.125, varlen=None, features=NO_FEATURES, capability=(9, 0))
+    args.update(over)
+    return args
+
+
+SUPPORTS = [
+    pytest.param({}, True, id="bf16-d64-gqa2-heads"),
+    pytest.param(dict(d=128), True, id="d128"),
+    pytest.param(dict(dtype=torch.float16), True, id="fp16"),
+    pytest.param(dict(hk=1), True, id="mqa"),
+    pytest.param(dict(causal=True), True, id="causal-sk-longer"),
+    pytest.param(dict(sq=300, sk=104), True, id="noncausal-sq-longer"),
+    pytest.param(dict(bias_shape=(2, 4, 200, 304)), True, id="full-bias"),
+    pytest.param(dict(bias_shape=(1, 1, 200, 304)), True, id="shared-bias"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 304, dtype=torch.bfloat16).expand(2, 4, 200, 304)), True, id="batch-expanded"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 312, dtype=torch.bfloat16)[..., :304]), True, id="padded-rows"),
+    pytest.param(dict(causal=True, features=Features(window=(-1, 0))), True, id="causal-as-window-right0"),
+    pytest.param(dict(softmax_scale=-0.5), True, id="negative-scale"),
+    # refused: the tl pass runs these
+    pytest.param(dict(capability=(8, 0)), False, id="sm80"),
+    pytest.param(dict(bias=None), False, id="no-bias"),
+    pytest.param(dict(dtype=torch.float32), False, id="fp32"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 304)), False, id="fp32-bias"),
+    pytest.param(dict(bias=torch.empty(1, 4, 1, 304, dtype=torch.bfloat16)), False, id="row-bias"),
+    # The bias rows are padded to 16 bytes, but the gradient (contiguous) would not be.
+    pytest.param(dict(sk=300, bias=torch.empty(1, 4, 200, 304, dtype=torch.bfloat16)[..., :300]), False, id="dbias-rows-unaligned"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 305, dtype=torch.bfloat16)[..., 1:]), False, id="bias-base-unaligned"),
+    pytest.param(dict(d=96), False, id="d96"),
+    pytest.param(dict(sq=304, sk=104, causal=True, bias_shape=(1, 4, 304, 104)), False, id="causal-sq-longer"),
+    pytest.param(dict(b=0), False, id="empty-batch"),
+    pytest.param(dict(softmax_scale=float("nan")), False, id="nan-scale"),
+    pytest.param(dict(alibi_slopes=torch.empty(1, 4)), False, id="alibi"),
+    pytest.param(dict(key_padding_mask=torch.empty(2, 304, dtype=torch.uint8)), False, id="key-padding"),
+    pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
+                 id="varlen"),
+    pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
+    pytest.param(dict(features=Features(softcap=30.0)), False, id="softcap"),
+    pytest.param(dict(features=Features(sinks=torch.empty(4))), False, id="sinks"),
+    pytest.param(dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), False, id="dropout"),
+    pytest.param(dict(features=Features(attn_mask=torch.empty(1, 1, 200, 304, dtype=torch.bool))), False, id="attn-mask"),
+    pytest.param(dict(dout=torch.empty(2, 200, 1, 64, dtype=torch.bfloat16).expand(2, 200, 4, 64)), False, id="dout-stride0"),
+    pytest.param(dict(lse=torch.empty(2, 200, 4).transpose(1, 2)), False, id="lse-not-contiguous"),
+]
+
+
+@pytest.mark.parametrize("over, expected", SUPPORTS)
+def test_hopper_dbias_supports(over, expected):
+    assert hopper_dbias.hopper_dbias_supports(**_call(**over)) is expected
+
+
+def test_hopper_dbias_supports_asks_the_device_for_cpu_tensors():
+    args = _call()
+    del args["capability"]
+    assert hopper_dbias.hopper_dbias_supports(**args) is False
+
+
+COMPILE_CASES = [dict(d=d, causal=c, gqa=g) for d in (64, 128) for c in (False, True) for g in (1, 2)] + [
+    dict(d=64, causal=True, bias="full"), dict(d=128, causal=False, bias="shared", dtype="float16")]
+
+
+def _case_id(c):
+    return (f"d{c['d']}" + ("-causal" if c["causal"] else "") + (f"-gqa{c['gqa']}" if c.get("gqa", 1) > 1 else "")
+            + (f"-{c['bias']}" if "bias" in c else "") + ("-fp16" if c.get("dtype") == "float16" else ""))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_gluon_cases(HERE / "sm90_hopper_dbias_compile.py", COMPILE_CASES, _case_id)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tier runs the kernel itself")
+@pytest.mark.parametrize("case", [_case_id(c) for c in COMPILE_CASES])
+def test_compiles_for_sm90(compiled, case):
+    # 8 bytes spill in some variants (loop-invariant scalars); more would mean the three
+    # score-sized fp32 tiles of a warpgroup no longer fit.
+    assert_gluon_compiled(compiled[case], max_spill_bytes=64)
+
+
+def test_kernel_arithmetic_matches_autograd():
+    """benchmarks/experiments/gluon_dbias.py --formula: the kernel's arithmetic written in torch
+    (log2 units, the causal mask folded into the bias as -inf, a -inf lse read as +inf) against
+    autograd through the reference, with GQA, seqlen_k > seqlen_q, a row with no visible key and
+    a NaN bias at a hidden key. Guards the math; the GPU tier checks the kernel."""
+    script = HERE.parent / "benchmarks" / "experiments" / "gluon_dbias.py"
+    proc, _ = run_compile_script(script, "--formula", timeout=300)
+    assert proc.returncode == 0 and "formula check passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
