@@ -101,9 +101,12 @@ def test_broadcast_and_padded_bias_layouts(dbias_calls):
 
 @pytest.mark.gpu
 @sm90
-def test_masking_biases(dbias_calls):
+def test_masking_biases(dbias_calls, monkeypatch):
     """-inf entries (a row with no visible key gets a zero gradient) and, under causal masking, a
-    NaN bias at a key the diagonal hides: its gradient is 0, and no NaN reaches other entries."""
+    NaN bias at a key the diagonal hides: its gradient is 0, and no NaN reaches other entries.
+    The tl forward (the Gluon one lets a NaN bias at a hidden key reach its row, a documented
+    deviation)."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
     q, k, v = make_qkv(2, 192, 256, 4, 64, torch.bfloat16, DEVICE)
     bias = torch.randn(1, 4, 192, 256, device=DEVICE).to(torch.bfloat16)
     bias[0, 1, 7] = float("-inf")  # row 7 of head 1 sees no key
@@ -114,6 +117,41 @@ def test_masking_biases(dbias_calls):
     assert dbias_calls
     assert torch.isfinite(grad).all()
     assert (grad[0, 1, 7] == 0).all() and grad[0, 2, 3, 250] == 0
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_non_finite_k_and_v_at_hidden_keys(dbias_calls, monkeypatch, head_dim):
+    """NaN in K and inf in V at the last key of batch 0, which the causal diagonal hides from
+    every row but the last: the bias gradient of those rows is the one with finite values there
+    (docs/semantics.md, "Invisible keys"), bit for bit."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
+    sq, sk = 192, 256
+    q, k, v = make_qkv(2, sq, sk, 4, head_dim, torch.bfloat16, DEVICE, requires_grad=False)
+    bias = _bias((1, 4, sq, sk), torch.bfloat16)
+    dout = torch.randn(2, sq, 4, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    (clean,) = torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)
+    k, v = k.clone(), v.clone()
+    k[0, -1], v[0, -1] = float("nan"), float("inf")
+    (dirty,) = torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)
+    assert len(dbias_calls) == 2
+    assert torch.equal(dirty[:, :, : sq - 1], clean[:, :, : sq - 1])
+
+
+@pytest.mark.gpu
+@sm90
+def test_head_expanded_bias_and_negative_scale(dbias_calls):
+    """A head-expanded bias (stride 0, size h: a gradient per head, summed by autograd) and a
+    negative softmax_scale (finite scales are valid; the tl forward runs then)."""
+    q, k, v = make_qkv(2, 136, 200, 4, 64, torch.bfloat16, DEVICE, nheads_k=2)
+    base = _bias((2, 1, 136, 200), torch.bfloat16)
+    out = flash_attn_func(q, k, v, base.expand(2, 4, 136, 200), True)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=base, causal=True)
+    bias = _bias((1, 4, 136, 200), torch.bfloat16)
+    out = flash_attn_func(q, k, v, bias, False, -0.2)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, softmax_scale=-0.2)
+    assert len(dbias_calls) == 2
 
 
 @pytest.mark.gpu
@@ -201,7 +239,9 @@ SUPPORTS = [
     pytest.param(dict(bias=torch.empty(1, 4, 1, 304, dtype=torch.bfloat16)), False, id="row-bias"),
     # The bias rows are padded to 16 bytes, but the gradient (contiguous) would not be.
     pytest.param(dict(sk=300, bias=torch.empty(1, 4, 200, 304, dtype=torch.bfloat16)[..., :300]), False, id="dbias-rows-unaligned"),
-    pytest.param(dict(bias=torch.empty(1, 4, 200, 305, dtype=torch.bfloat16)[..., 1:]), False, id="bias-base-unaligned"),
+    # Rows of 608 bytes (aligned), base 2 bytes past an aligned address.
+    pytest.param(dict(bias=torch.empty(4 * 200 * 304 + 1, dtype=torch.bfloat16)[1:].view(1, 4, 200, 304)), False,
+                 id="bias-base-unaligned"),
     pytest.param(dict(d=96), False, id="d96"),
     pytest.param(dict(sq=304, sk=104, causal=True, bias_shape=(1, 4, 304, 104)), False, id="causal-sq-longer"),
     pytest.param(dict(b=0), False, id="empty-batch"),
@@ -248,9 +288,9 @@ def compiled():
 @pytest.mark.skipif(ON_GPU, reason="the GPU tier runs the kernel itself")
 @pytest.mark.parametrize("case", [_case_id(c) for c in COMPILE_CASES])
 def test_compiles_for_sm90(compiled, case):
-    # 8 bytes spill in some variants (loop-invariant scalars); more would mean the three
-    # score-sized fp32 tiles of a warpgroup no longer fit.
-    assert_gluon_compiled(compiled[case], max_spill_bytes=64)
+    # 8 bytes spill in one variant (d128 fp16, bias summed over batch and heads); more would
+    # mean the three score-sized fp32 tiles of a warpgroup no longer fit.
+    assert_gluon_compiled(compiled[case], max_spill_bytes=16)
 
 
 def test_kernel_arithmetic_matches_autograd():

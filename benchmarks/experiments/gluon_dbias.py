@@ -29,7 +29,8 @@ from tritonflash.kernels.hopper_dbias import hopper_dbias
 def formula_dbias(q, k, v, dout, out, lse, bias, causal, softmax_scale):
     """The kernel's arithmetic in torch (CPU or GPU, any float dtype): the causal mask folded into
     the bias as -inf, P = exp2(q.k * scale * log2 e + bias * log2 e - lse * log2 e) with a row's
-    lse of -inf read as +inf, then dS = P * (dP - delta) summed over the batch. Shapes as
+    lse of -inf read as +inf (and, under causal masking, P = 0 at a folded -inf and dS = 0 where
+    P = 0), then dS = P * (dP - delta) summed over the batch. Shapes as
     hopper_dbias; returns (1, h, sq, sk) in q's dtype."""
     batch, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -42,8 +43,14 @@ def formula_dbias(q, k, v, dout, out, lse, bias, causal, softmax_scale):
     delta = (out.to(q.dtype) * dout).sum(-1).transpose(1, 2)  # (batch, h, sq)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, v)
-    p = torch.exp2(s * (softmax_scale * LOG2E) + b * LOG2E - lse2[..., None])
-    return (p * (dp - delta[..., None])).sum(0, keepdim=True)
+    x = s * (softmax_scale * LOG2E) + b * LOG2E - lse2[..., None]
+    if causal:
+        x = x.masked_fill(b == float("-inf"), float("-inf"))  # P = 0 at a hidden key whatever S is
+    p = torch.exp2(x)
+    ds = p * (dp - delta[..., None])
+    if causal:
+        ds = ds.masked_fill(p == 0, 0.0)  # and dS = 0 wherever P is, whatever dP is
+    return ds.sum(0, keepdim=True)
 
 
 def formula_check() -> float:

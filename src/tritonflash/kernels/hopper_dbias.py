@@ -19,7 +19,9 @@ where shared memory allows 2 stages):
   from shared memory in the accumulator layout every step), and add P * (dP - delta) to an fp32
   sum in registers. No matmul uses P or dS: a warpgroup holds three [64, BN] fp32 tiles (S, dP,
   the sum). Under causal masking the mask is folded into the warpgroup's bias half once, as -inf
-  (which also drops a NaN or +inf bias at a hidden key); a tile no row sees gets zeros, no loop;
+  (which also drops a NaN or +inf bias at a hidden key), P is 0 there whatever S is and dS is 0
+  wherever P is (so a NaN or inf in a hidden key's K or V does not reach the sum); a tile no row
+  sees gets zeros, no loop;
 - epilogue: the sum in the bias dtype, staged in the warpgroup's bias half, stored by TMA.
 
 Ragged ends. Q/dO rows past seqlen_q are zero-filled and their lse is read as +inf (delta 0), so
@@ -132,11 +134,21 @@ def _dbias_consumer(WG: gl.constexpr, dbias_desc, q_smem, do_smem, k_smem, v_sme
                                gl.zeros([HM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
         sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         # P in log2 units: q.k * scale * log2 e + bias * log2 e - lse * log2 e.
-        p = gl.exp2(sc * qk_scale + bias_t.load(s_layout).to(gl.float32) * LOG2E_C - gl.expand_dims(lse2, 1))
+        bias = bias_t.load(s_layout).to(gl.float32)
+        x = sc * qk_scale + bias * LOG2E_C - gl.expand_dims(lse2, 1)
+        if CAUSAL:
+            # A key the diagonal hides (folded -inf) gets P = 0 even when its K is not finite
+            # (S NaN), and dS = 0 below even when its V is not (dP NaN, 0 * NaN): such keys never
+            # reach the sum (docs/semantics.md, "Invisible keys"), as the tl pass zeroes dS there.
+            x = gl.where(bias == float("-inf"), float("-inf"), x)
+        p = gl.exp2(x)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
         mbarrier.arrive(empty_bar.index(s), count=1)
-        acc += p * (dp - gl.expand_dims(delta, 1))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        if CAUSAL:
+            ds = gl.where(p == 0.0, 0.0, ds)  # P = 0 makes dS 0 whatever dP is
+        acc += ds
     if row0 < seqlen_q:
         # The bias half is read for the last time above: it stages the sum for the store, which
         # drops the rows past seqlen_q and the keys past seqlen_k.
