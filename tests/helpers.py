@@ -125,3 +125,27 @@ def check_against_reference(fn_out, q, k, v, dout, *, bias=None, causal=False, s
     for (name, t), a, r, p in zip(inputs, g, g_ref, g_pt):
         assert a.shape == t.shape and a.dtype == t.dtype, f"{name}: got {tuple(a.shape)} {a.dtype}, want {tuple(t.shape)} {t.dtype}"
         assert_close_to_ref(name, a, r, p, GRAD_FACTOR)
+
+
+def refused_by_gluon_backward(b, sq, sk, h, d):
+    """pytest params (``over`` dict, False) of the calls both Gluon backward passes leave to the
+    tl passes (hopper_bwd_supports, hopper_dbias_supports), for their tests' stand-in calls of
+    these sizes: ALiBi, key padding, varlen, score features, a stride-0 dout, a transposed lse."""
+    import pytest
+
+    from tritonflash.kernels.common import Features, Varlen
+
+    cases = [
+        (dict(alibi_slopes=torch.empty(1, h)), "alibi"),
+        (dict(key_padding_mask=torch.empty(b, sk, dtype=torch.uint8)), "key-padding"),
+        (dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), "varlen"),
+        (dict(features=Features(window=(16, -1))), "window"),
+        (dict(features=Features(softcap=30.0)), "softcap"),
+        (dict(features=Features(sinks=torch.empty(h))), "sinks"),
+        (dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), "dropout"),
+        (dict(features=Features(attn_mask=torch.empty(1, 1, sq, sk, dtype=torch.bool))), "attn-mask"),
+        (dict(dout=torch.empty(b, sq, 1, d, dtype=torch.bfloat16).expand(b, sq, h, d)), "dout-stride0"),
+        (dict(lse=torch.empty(b, sq, h).transpose(1, 2)), "lse-not-contiguous"),
+    ]
+    return [pytest.param(over, False, id=name) for over, name in cases]
+

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, spy_calls
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, refused_by_gluon_backward, spy_calls
 from tritonflash import flash_attn_func
-from tritonflash.kernels import backward, hopper_bwd
-from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
+from tritonflash.kernels import backward, hopper_bwd, hopper_dbias
+from tritonflash.kernels.common import NO_FEATURES, Features
 
 HERE = Path(__file__).parent
 ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
@@ -129,26 +129,37 @@ def test_not_taken_with_bias_or_alibi(bwd_calls):
 # CPU tier
 # --------------------------------------------------------------------------------------------
 
+# The opt-in switches of the Gluon backward passes: this dK/dV pass and the bias-gradient pass
+# (kernels/hopper_dbias.py, tests/test_hopper_dbias.py).
+SWITCHES = [
+    pytest.param(backward.HOPPER_BWD_ENV, "_hopper_bwd_module", hopper_bwd, id="dkdv"),
+    pytest.param(backward.HOPPER_DBIAS_ENV, "_hopper_dbias_module", hopper_dbias, id="dbias"),
+]
+
+
+@pytest.mark.parametrize("env, getter, module", SWITCHES)
 @pytest.mark.parametrize("raw, on", [(None, False), ("", False), ("0", False), (" 1 ", True)])
-def test_switch(monkeypatch, raw, on):
+def test_switch(monkeypatch, env, getter, module, raw, on):
     if raw is None:
-        monkeypatch.delenv(backward.HOPPER_BWD_ENV, raising=False)
+        monkeypatch.delenv(env, raising=False)
     else:
-        monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)
+        monkeypatch.setenv(env, raw)
     monkeypatch.setattr(backward, "INTERPRET", False)
-    assert (backward._hopper_bwd_module() is hopper_bwd) is on
+    assert (getattr(backward, getter)() is module) is on
 
 
-def test_switch_refuses_other_values(monkeypatch):
-    monkeypatch.setenv(backward.HOPPER_BWD_ENV, "yes")
-    with pytest.raises(ValueError, match="TRITONFLASH_HOPPER_BWD"):
-        backward._hopper_bwd_module()
+@pytest.mark.parametrize("env, getter, module", SWITCHES)
+def test_switch_refuses_other_values(monkeypatch, env, getter, module):
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(ValueError, match=env):
+        getattr(backward, getter)()
 
 
-def test_off_under_the_interpreter(monkeypatch):
-    monkeypatch.setenv(backward.HOPPER_BWD_ENV, "1")
+@pytest.mark.parametrize("env, getter, module", SWITCHES)
+def test_off_under_the_interpreter(monkeypatch, env, getter, module):
+    monkeypatch.setenv(env, "1")
     monkeypatch.setattr(backward, "INTERPRET", True)
-    assert backward._hopper_bwd_module() is None
+    assert getattr(backward, getter)() is None
 
 
 def _call(b=2, sq=200, sk=300, h=4, hk=2, d=128, dtype=torch.bfloat16, **over):
@@ -179,19 +190,8 @@ SUPPORTS = [
     pytest.param(dict(b=0), False, id="empty-batch"),
     pytest.param(dict(sq=0), False, id="empty-seqlen-q"),
     pytest.param(dict(softmax_scale=0.0), False, id="zero-scale"),
-    pytest.param(dict(alibi_slopes=torch.empty(1, 4)), False, id="alibi"),
     pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="bias"),
-    pytest.param(dict(key_padding_mask=torch.empty(2, 300, dtype=torch.uint8)), False, id="key-padding"),
-    pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
-                 id="varlen"),
-    pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
-    pytest.param(dict(features=Features(softcap=30.0)), False, id="softcap"),
-    pytest.param(dict(features=Features(sinks=torch.empty(4))), False, id="sinks"),
-    pytest.param(dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), False, id="dropout"),
-    pytest.param(dict(features=Features(attn_mask=torch.empty(1, 1, 200, 300, dtype=torch.bool))), False, id="attn-mask"),
-    pytest.param(dict(dout=torch.empty(2, 200, 1, 128, dtype=torch.bfloat16).expand(2, 200, 4, 128)), False, id="dout-stride0"),
-    pytest.param(dict(lse=torch.empty(2, 200, 4).transpose(1, 2)), False, id="lse-not-contiguous"),
-]
+] + refused_by_gluon_backward(2, 200, 300, 4, 128)
 
 
 @pytest.mark.parametrize("over, expected", SUPPORTS)

@@ -1,8 +1,8 @@
 """The Gluon Hopper bias-gradient pass (kernels/hopper_dbias.py, issue 15 item 3; EXPERIMENTAL,
 opt-in with ``TRITONFLASH_HOPPER_DBIAS=1``).
 
-CPU tier: the switch's values, that it stays off under the interpreter, which calls it takes
-(``hopper_dbias_supports``), and that the kernel compiles for sm_90a (stand-in driver, one
+CPU tier (the switch's own tests are test_hopper_bwd.py's, for both opt-in passes): which calls
+it takes (``hopper_dbias_supports``), and that the kernel compiles for sm_90a (stand-in driver, one
 subprocess for every variant) within shared memory, with async wgmma that ptxas did not
 serialise. GPU tier (sm_90 only): flash_attn_func's gradients with the switch on against the
 reference (docs/testing.md's rule) for every bias layout it takes, a spy asserting the Gluon pass
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, run_compile_script, spy_calls
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, refused_by_gluon_backward, run_compile_script, spy_calls
 from tritonflash import flash_attn_func
 from tritonflash.kernels import backward, hopper_dbias
-from tritonflash.kernels.common import NO_FEATURES, Features, Varlen
+from tritonflash.kernels.common import NO_FEATURES, Features
 
 HERE = Path(__file__).parent
 ON_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
@@ -185,28 +185,6 @@ def test_not_taken_with_alibi_or_fp32_bias(dbias_calls):
 # CPU tier
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, on", [(None, False), ("", False), ("0", False), (" 1 ", True)])
-def test_switch(monkeypatch, raw, on):
-    if raw is None:
-        monkeypatch.delenv(backward.HOPPER_DBIAS_ENV, raising=False)
-    else:
-        monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, raw)
-    monkeypatch.setattr(backward, "INTERPRET", False)
-    assert (backward._hopper_dbias_module() is hopper_dbias) is on
-
-
-def test_switch_refuses_other_values(monkeypatch):
-    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "yes")
-    with pytest.raises(ValueError, match="TRITONFLASH_HOPPER_DBIAS"):
-        backward._hopper_dbias_module()
-
-
-def test_off_under_the_interpreter(monkeypatch):
-    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "1")
-    monkeypatch.setattr(backward, "INTERPRET", True)
-    assert backward._hopper_dbias_module() is None
-
-
 def _call(b=2, sq=200, sk=304, h=4, hk=2, d=64, dtype=torch.bfloat16, bias_shape=None, **over):
     """hopper_dbias_supports' arguments for an attn_bwd call on CPU stand-in tensors (never read):
     the sizes make q/k/v/dout, lse and a (1, h, sq, sk) bias; ``over`` replaces any argument."""
@@ -246,18 +224,7 @@ SUPPORTS = [
     pytest.param(dict(sq=304, sk=104, causal=True, bias_shape=(1, 4, 304, 104)), False, id="causal-sq-longer"),
     pytest.param(dict(b=0), False, id="empty-batch"),
     pytest.param(dict(softmax_scale=float("nan")), False, id="nan-scale"),
-    pytest.param(dict(alibi_slopes=torch.empty(1, 4)), False, id="alibi"),
-    pytest.param(dict(key_padding_mask=torch.empty(2, 304, dtype=torch.uint8)), False, id="key-padding"),
-    pytest.param(dict(varlen=Varlen(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 1)), False,
-                 id="varlen"),
-    pytest.param(dict(features=Features(window=(16, -1))), False, id="window"),
-    pytest.param(dict(features=Features(softcap=30.0)), False, id="softcap"),
-    pytest.param(dict(features=Features(sinks=torch.empty(4))), False, id="sinks"),
-    pytest.param(dict(features=Features(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64))), False, id="dropout"),
-    pytest.param(dict(features=Features(attn_mask=torch.empty(1, 1, 200, 304, dtype=torch.bool))), False, id="attn-mask"),
-    pytest.param(dict(dout=torch.empty(2, 200, 1, 64, dtype=torch.bfloat16).expand(2, 200, 4, 64)), False, id="dout-stride0"),
-    pytest.param(dict(lse=torch.empty(2, 200, 4).transpose(1, 2)), False, id="lse-not-contiguous"),
-]
+] + refused_by_gluon_backward(2, 200, 304, 4, 64)
 
 
 @pytest.mark.parametrize("over, expected", SUPPORTS)

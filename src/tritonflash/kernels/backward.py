@@ -15,6 +15,8 @@ the block ranges from ``common.py``.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import triton
 import triton.language as tl
@@ -452,35 +454,31 @@ def attn_bwd(
 HOPPER_BWD_ENV = "TRITONFLASH_HOPPER_BWD"
 
 
-def _hopper_bwd_module():
-    """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) when ``TRITONFLASH_HOPPER_BWD=1``,
-    else None (unset, empty or 0: off; anything else is a ValueError). Never under the
-    interpreter; imported on first use."""
-    mode = env_mode(HOPPER_BWD_ENV, ("0", "1"), "0")
-    if INTERPRET or mode == "0":
-        return None
-    try:
-        from . import hopper_bwd
-    except ImportError:
-        return None
-    return hopper_bwd
-
-
 HOPPER_DBIAS_ENV = "TRITONFLASH_HOPPER_DBIAS"
 
 
-def _hopper_dbias_module():
-    """kernels/hopper_dbias.py (the Gluon bias-gradient pass, EXPERIMENTAL) when
-    ``TRITONFLASH_HOPPER_DBIAS=1``, else None (unset, empty or 0: off; anything else is a
-    ValueError). Never under the interpreter; imported on first use."""
-    mode = env_mode(HOPPER_DBIAS_ENV, ("0", "1"), "0")
+def _opt_in_module(env: str, name: str):
+    """The Gluon module ``kernels/<name>.py`` when switch ``env`` is 1, else None (unset, empty
+    or 0: off; anything else is a ValueError). Never under the interpreter; imported on first
+    use (Gluon needs a Triton with triton.experimental.gluon)."""
+    mode = env_mode(env, ("0", "1"), "0")
     if INTERPRET or mode == "0":
         return None
     try:
-        from . import hopper_dbias
+        return importlib.import_module(f".{name}", __package__)
     except ImportError:
         return None
-    return hopper_dbias
+
+
+def _hopper_bwd_module():
+    """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) with ``TRITONFLASH_HOPPER_BWD=1``."""
+    return _opt_in_module(HOPPER_BWD_ENV, "hopper_bwd")
+
+
+def _hopper_dbias_module():
+    """kernels/hopper_dbias.py (the Gluon bias-gradient pass, EXPERIMENTAL) with
+    ``TRITONFLASH_HOPPER_DBIAS=1``."""
+    return _opt_in_module(HOPPER_DBIAS_ENV, "hopper_dbias")
 
 
 def _hopper_dbias_takes(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
