@@ -118,11 +118,63 @@ def test_deterministic(bwd_calls):
 
 @pytest.mark.gpu
 @sm90
-def test_not_taken_with_bias_or_alibi(bwd_calls):
+def test_not_taken_with_alibi_fp32_bias_or_a_row_less_bias_gradient(bwd_calls):
+    """ALiBi, an fp32 bias, and a (1, h, 1, sk) bias whose gradient (key sums) the tl pass writes
+    stay on tl; a random dout (a .sum() backward's stride-0 ones would be refused anyway)."""
     q, k, v = make_qkv(1, 128, 128, 2, 128, torch.bfloat16, DEVICE)
+    dout = torch.randn(1, 128, 2, 128, device=DEVICE, dtype=torch.bfloat16)
     slopes = torch.tensor([[0.5, 0.25]], device=DEVICE)
-    flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes).sum().backward()
+    torch.autograd.grad(flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes), (q, k, v), dout)
+    fp32 = torch.randn(1, 2, 128, 128, device=DEVICE, requires_grad=True)
+    torch.autograd.grad(flash_attn_func(q, k, v, fp32, True), (q, k, v, fp32), dout)
+    cols = torch.randn(1, 2, 1, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    torch.autograd.grad(flash_attn_func(q, k, v, cols, False), (q, k, v, cols), dout)
     assert not bwd_calls
+
+
+def _bias(shape, dtype, row_pad=0):
+    """A learned bias of ``shape``, its rows padded in memory by ``row_pad`` elements."""
+    *lead, sk = shape
+    return torch.randn(*lead, sk + row_pad, device=DEVICE).mul(2).to(dtype)[..., :sk].requires_grad_()
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias_dims", ["heads", "full", "shared"])
+@pytest.mark.parametrize("sq, sk", [(128, 128), (257, 512), (300, 104), (50, 77)])
+def test_bias_variant_matches_reference(bwd_calls, sq, sk, bias_dims, head_dim, causal):
+    """The BIAS variant: a 16-bit bias with rows (its gradient from the dbias pass), padded
+    rows where seqlen_k * 2 bytes is not a multiple of 16, GQA."""
+    b, h, hk = 2, 6, 2
+    q, k, v = make_qkv(b, sq, sk, h, head_dim, torch.bfloat16, DEVICE, nheads_k=hk)
+    lead = {"heads": (1, h), "full": (b, h), "shared": (1, 1)}[bias_dims]
+    bias = _bias((*lead, sq, sk), torch.bfloat16, row_pad=(-sk) % 8)
+    out = flash_attn_func(q, k, v, bias, causal)
+    check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=causal)
+    assert bool(bwd_calls) is not (causal and sk < sq)
+
+
+@pytest.mark.gpu
+@sm90
+def test_bias_variant_masking_biases_and_determinism(bwd_calls, monkeypatch):
+    """-inf bias rows (a row with no visible key: zero gradients, no NaN), a NaN bias at a key the
+    causal diagonal hides (the tl forward: the Gluon one lets it reach its row, a documented
+    deviation), bitwise-equal gradients from two runs, and the Gluon dbias pass beside it."""
+    monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
+    monkeypatch.setenv(backward.HOPPER_DBIAS_ENV, "1")
+    q, k, v = make_qkv(2, 192, 256, 4, 128, torch.bfloat16, DEVICE)
+    bias = torch.randn(1, 4, 192, 256, device=DEVICE).to(torch.bfloat16)
+    bias[0, 1, 7] = float("-inf")
+    bias[0, 2, 3, 250] = float("nan")
+    bias.requires_grad_()
+    dout = torch.randn(2, 192, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    grads = [torch.autograd.grad(flash_attn_func(q, k, v, bias, True), (q, k, v, bias), dout) for _ in range(2)]
+    assert len(bwd_calls) == 2
+    for a, b_ in zip(*grads):
+        assert torch.isfinite(a).all() and torch.equal(a, b_)
+    assert (grads[0][0][:, 7, 1] == 0).all()  # dq of the row with no visible key
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +242,11 @@ SUPPORTS = [
     pytest.param(dict(b=0), False, id="empty-batch"),
     pytest.param(dict(sq=0), False, id="empty-seqlen-q"),
     pytest.param(dict(softmax_scale=0.0), False, id="zero-scale"),
-    pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="bias"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 304, dtype=torch.bfloat16)[..., :300]), True, id="bias-padded-rows"),
+    pytest.param(dict(bias=torch.empty(2, 4, 200, 304, dtype=torch.bfloat16)[..., :300]), True, id="full-bias"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 300)), False, id="fp32-bias"),
+    pytest.param(dict(bias=torch.empty(1, 4, 200, 300, dtype=torch.bfloat16)), False, id="bias-rows-unaligned"),
+    pytest.param(dict(bias=torch.empty(1, 4, 1, 304, dtype=torch.bfloat16)[..., :300]), False, id="row-less-bias"),
 ] + refused_by_gluon_backward(2, 200, 300, 4, 128)
 
 
@@ -206,12 +262,14 @@ def test_hopper_bwd_supports_asks_the_device_for_cpu_tensors():
 
 
 COMPILE_CASES = [dict(d=d, causal=c, gqa=g) for d in (64, 128) for c in (False, True) for g in (1, 2)] + [
-    dict(d=128, causal=True, gqa=1, dtype="float16")]
+    dict(d=128, causal=True, gqa=1, dtype="float16")] + [
+    dict(d=d, causal=c, gqa=1, bias="heads") for d in (64, 128) for c in (False, True)] + [
+    dict(d=128, causal=True, gqa=2, bias="full")]
 
 
 def _case_id(c):
     return f"d{c['d']}" + ("-causal" if c["causal"] else "") + (f"-gqa{c['gqa']}" if c["gqa"] > 1 else "") + (
-        "-fp16" if c.get("dtype") == "float16" else "")
+        "-fp16" if c.get("dtype") == "float16" else "") + (f"-bias-{c['bias']}" if c.get("bias") else "")
 
 
 @pytest.fixture(scope="module")

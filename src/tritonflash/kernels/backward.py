@@ -413,9 +413,10 @@ def attn_bwd(
         return (triton.cdiv(seqlen_q, m["BLOCK_M"]) * batch * nheads,)
 
     hopper_bwd = _hopper_bwd_module()
-    if hopper_bwd is not None and hopper_bwd.hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask,
-                                                                 causal, softmax_scale, varlen, features):
-        hopper_bwd.hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale)
+    # The Gluon dK/dV pass writes no key sums: a gradient of a bias without rows stays with tl.
+    if hopper_bwd is not None and dbias_cols is None and hopper_bwd.hopper_bwd_supports(
+            q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
+        hopper_bwd.hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale, bias=bias)
     else:
         _launch_dkdv(
             grid_dkdv, **pb.operands(DK=dk, DV=dv), DBias=dbias_cols, stride_dbias=dbias_cols.stride() if dbias_cols is not None else (0, 0, 0, 0), batch=batch,

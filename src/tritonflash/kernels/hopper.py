@@ -937,22 +937,22 @@ def _descriptor(t, rows):
     return _unchecked_descriptor(t, [1, rows, 1, d], _box_layout(rows, d, t.dtype))
 
 
-def _bias_descriptor(bias, dtype):
-    """A 4-D descriptor over a bias _bias_ok accepted, (batch or 1, heads or 1, seqlen_q,
-    seqlen_k), box (1, 1, BLOCK_M, BLOCK_N): a broadcast batch or head dim sliced to one element
-    (the kernel's coordinate there is 0), so that TMA never sees a zero stride; one-element dims
-    as in _unchecked_descriptor."""
+def _bias_descriptor(bias, dtype, rows=BLOCK_M, cols=BLOCK_N):
+    """A 4-D descriptor over a bias _bias_ok accepted (or its gradient), (batch or 1, heads or 1,
+    seqlen_q, seqlen_k), box (1, 1, rows, cols) (the forward's BLOCK_M x BLOCK_N tile by
+    default): a broadcast batch or head dim sliced to one element (the kernel's coordinate there
+    is 0), so that TMA never sees a zero stride; one-element dims as in _unchecked_descriptor."""
     if bias.stride(0) == 0:
         bias = bias[:1]
     if bias.stride(1) == 0:
         bias = bias[:, :1]
-    return _unchecked_descriptor(bias, [1, 1, BLOCK_M, BLOCK_N], _bias_layout(dtype))
+    return _unchecked_descriptor(bias, [1, 1, rows, cols], _bias_layout(dtype, rows, cols))
 
 
 @functools.cache
-def _bias_layout(dtype: torch.dtype):
-    """The shared layout of the bias box: that of the kernel's (BLOCK_M, BLOCK_N) bias stages."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, BLOCK_N], GL_DTYPES[dtype])
+def _bias_layout(dtype: torch.dtype, rows=BLOCK_M, cols=BLOCK_N):
+    """The shared layout of a (1, 1, rows, cols) bias box: that of the kernels' bias buffers."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], GL_DTYPES[dtype])
 
 
 def _bias_shared_by_batches(bias, batch) -> bool:

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, LOG2E, WARP_SPECIALISED, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
+from .hopper import GL_DTYPES, LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
 
 BLOCK_N = 128  # keys per CTA (two warpgroups x 64)
 HALF_N = 64  # keys per consumer warpgroup
@@ -61,8 +61,10 @@ def _query_blocks(n0, seqlen_q, seqlen_k, BM: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
-def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
-                  b, n0, hk, kv_group, first, end, seqlen_k):
+def _bwd_producer_impl(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                       b, n0, hk, kv_group, first, end, seqlen_k, bias, BIAS: gl.constexpr):
+    """The producer; BIAS: ``bias`` = (bias_desc, b_smem), and every step also loads the bias
+    tile of its 64 query rows for each key half ((1, 1, 64, 64) boxes) into b_smem[2 * s + half]."""
     NS: gl.constexpr = q_smem.shape[0]
     BM: gl.constexpr = q_smem.shape[1]
     HN: gl.constexpr = k_smem.shape[1]
@@ -82,15 +84,46 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
         s = t % NS
         # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
         mbarrier.wait(empty_bar.index(s), ((t // NS) & 1) ^ 1)
-        mbarrier.expect(ready_bar.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        if BIAS:
+            bias_desc, b_smem = bias
+            QDO_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
+            B_BYTES: gl.constexpr = bias_desc.block_type.nbytes
+            mbarrier.expect(ready_bar.index(s), QDO_BYTES + 2 * B_BYTES, pred=second)
+            mbarrier.expect(ready_bar.index(s), QDO_BYTES + B_BYTES, pred=n0 + HN >= seqlen_k)
+            # A broadcast batch or head dim of the bias has one element in the descriptor.
+            bb = gl.minimum(b, bias_desc.shape[0] - 1)
+            bh = gl.minimum(h, bias_desc.shape[1] - 1)
+            tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, n0], ready_bar.index(s),
+                                            b_smem.index(2 * s).reshape([1, 1, BM, HN]))
+            tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, n0 + HN], ready_bar.index(s),
+                                            b_smem.index(2 * s + 1).reshape([1, 1, BM, HN]), pred=second)
+        else:
+            mbarrier.expect(ready_bar.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], ready_bar.index(s), _tma_box(q_smem.index(s)))
         tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], ready_bar.index(s), _tma_box(do_smem.index(s)))
 
 
 @gluon.jit
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                  b, n0, hk, kv_group, first, end, seqlen_k):
+    _bwd_producer_impl(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                       b, n0, hk, kv_group, first, end, seqlen_k, None, False)
+
+
+@gluon.jit
+def _bwd_producer_bias(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                       b, n0, hk, kv_group, first, end, seqlen_k, bias_desc, b_smem):
+    _bwd_producer_impl(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                       b, n0, hk, kv_group, first, end, seqlen_k, (bias_desc, b_smem), True)
+
+
+@gluon.jit
 def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
                   lse_ptr, delta_ptr, b, n0, hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, b_smem, BIAS: gl.constexpr):
+    """One consumer warpgroup (WG: its 64 keys); BIAS: b_smem holds each step's bias tiles
+    (_bwd_producer_impl), read transposed ([keys, queries]) in the score layout and added to
+    S^T; a row whose lse is -inf (every visible key -inf biased) then gets P = 0."""
     NS: gl.constexpr = q_smem.shape[0]
     BM: gl.constexpr = q_smem.shape[1]
     D: gl.constexpr = q_smem.shape[2]
@@ -119,6 +152,8 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v
         stat = (b * nheads + h).to(gl.int64) * seqlen_q + m0
         in_q = (m0 + cols) < seqlen_q
         lse2 = gl.load(lse_ptr + stat + cols, mask=in_q, other=float("inf")) * LOG2E_C
+        if BIAS:
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = gl.load(delta_ptr + stat + cols, mask=in_q, other=0.0)
         mbarrier.wait(ready_bar.index(s), (t // NS) & 1)
         q = q_smem.index(s)
@@ -127,7 +162,12 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v
         st_tok = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([HN, BM], gl.float32, s_layout), use_acc=False, is_async=True)
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([HN, BM], gl.float32, s_layout), use_acc=False, is_async=True)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok,))
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        if BIAS:
+            # bias^T of this warpgroup's keys: the (64 queries, 64 keys) tile read as (keys, queries).
+            bt = b_smem.index(2 * s + WG).permute((1, 0)).load(s_layout).to(gl.float32)
+            pt = gl.exp2(st * qk_scale + bt * LOG2E_C - gl.expand_dims(lse2, 0))
+        else:
+            pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
         if CAUSAL:
             # Key j (row) is visible to query i (column) iff i + seqlen_k - seqlen_q - j >= 0.
             # (a broadcast compare of a key vector and a query vector: no [keys, queries] index tile)
@@ -156,14 +196,30 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v
 def _bwd_consumer0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
                    hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr):
     _bwd_consumer(0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
-                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL, None, False)
 
 
 @gluon.jit
 def _bwd_consumer1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
                    hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr):
     _bwd_consumer(1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
-                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL, None, False)
+
+
+# The BIAS variant's consumers (BIAS literal: a flag passed through warp_specialize is not a real
+# constexpr in Gluon 3.6, see hopper.py).
+@gluon.jit
+def _bwd_consumer0_bias(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b,
+                        n0, hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr, b_smem):
+    _bwd_consumer(0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL, b_smem, True)
+
+
+@gluon.jit
+def _bwd_consumer1_bias(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b,
+                        n0, hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL: gl.constexpr, b_smem):
+    _bwd_consumer(1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
+                  hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL, b_smem, True)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -172,6 +228,8 @@ def _hopper_attn_bwd_dkdv(
     lse_ptr, delta_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous
     seqlen_q, seqlen_k, nheads, nheads_k, kv_group, qk_scale, sm_scale,
     CAUSAL: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+    bias_desc=None,  # BIAS: 4-D (batch or 1, heads or 1, seqlen_q, seqlen_k), box (1, 1, 64, 64)
+    BIAS: gl.constexpr = False,
 ):
     BM: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -205,24 +263,39 @@ def _hopper_attn_bwd_dkdv(
 
     consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
                      hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)
-    gl.warp_specialize([
-        (_bwd_consumer0, consumer_args),
-        (_bwd_consumer1, consumer_args),
-        (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
-                         b, n0, hk, kv_group, first, end, seqlen_k)),
-    ], [4, P_WARPS], [C_REGS, P_REGS])
+    producer_args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar,
+                     b, n0, hk, kv_group, first, end, seqlen_k)
+    if BIAS:
+        # Per ring stage, the (64 queries, 64 keys) bias tile of each key half: 2 * 2 * 8 KB.
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HN], dtype)
+        b_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BM, HN], b_layout)
+        gl.warp_specialize([
+            (_bwd_consumer0_bias, consumer_args + (b_smem,)),
+            (_bwd_consumer1_bias, consumer_args + (b_smem,)),
+            (_bwd_producer_bias, producer_args + (bias_desc, b_smem)),
+        ], [4, P_WARPS], [C_REGS, P_REGS])
+    else:
+        gl.warp_specialize([
+            (_bwd_consumer0, consumer_args),
+            (_bwd_consumer1, consumer_args),
+            (_bwd_producer, producer_args),
+        ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
 def hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen,
                         features, capability=None) -> bool:
     """Whether ``hopper_bwd_dkdv`` computes this ``attn_bwd`` call's dK/dV (its arguments,
-    validated): sm_90 (``capability`` (major, minor), else q's device), no bias, ALiBi, key
-    padding, varlen or score feature, fp16/bf16, head dim 64/128, no empty dimension, causal
-    only with seqlen_k >= seqlen_q, (batch, seqlen, heads, head dim) tensors TMA can address and
-    a contiguous lse."""
+    validated): sm_90 (``capability`` (major, minor), else q's device), no ALiBi, key padding,
+    varlen or score feature, no bias or one ``hopper._bias_ok`` accepts (q's dtype, a real
+    (seqlen_q, seqlen_k) plane TMA can read: the BIAS variant), fp16/bf16, head dim 64/128, no
+    empty dimension, causal only with seqlen_k >= seqlen_q, (batch, seqlen, heads, head dim)
+    tensors TMA can address and a contiguous lse. A bias gradient without a row dimension comes
+    from the tl pass (attn_bwd checks that)."""
     if not on_sm90(q, capability) or alibi_slopes is not None:
         return False
-    if not plain_scores(bias, key_padding_mask, varlen, features, causal):
+    # A bias of q's dtype with a real (seqlen_q, seqlen_k) plane (hopper._bias_ok) runs in the
+    # BIAS variant; other biases (row biases with their key-sum gradient, fp32) take the tl pass.
+    if not plain_scores(None, key_padding_mask, varlen, features, causal):
         return False
     if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
         return False
@@ -235,12 +308,15 @@ def hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padd
         return False
     if (causal and seqlen_k < seqlen_q) or not softmax_scale > 0 or not lse.is_contiguous():
         return False
+    if bias is not None and not _bias_ok(bias, q, seqlen_k):
+        return False
     return all(_tma_ok(t) for t in (q, k, v, dout, dk, dv))
 
 
-def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale):
+def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale, bias=None):
     """Fill dk, dv (like k) for a call ``hopper_bwd_supports`` accepted. lse, delta: (batch,
-    nheads, seqlen_q) fp32 contiguous (natural-log lse from the forward, delta = rowsum(o * do))."""
+    nheads, seqlen_q) fp32 contiguous (natural-log lse from the forward, delta = rowsum(o * do));
+    bias: the call's rank-4 bias view or None."""
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     grid = (triton.cdiv(seqlen_k, BLOCK_N) * batch * nheads_k,)
@@ -261,6 +337,8 @@ def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale):
         qk_scale=float(softmax_scale) * LOG2E,
         sm_scale=float(softmax_scale),
         CAUSAL=bool(causal),
+        bias_desc=None if bias is None else _bias_descriptor(bias, q.dtype, BLOCK_M, HALF_N),
+        BIAS=bias is not None,
         **WARP_SPECIALISED,
     )
     return dk, dv

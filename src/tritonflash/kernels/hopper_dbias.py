@@ -33,8 +33,6 @@ key (lse -inf) gets P = 0, as the tl pass gives.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -47,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_ok, _descriptor, _tma_box, _tma_ok, _unchecked_descriptor, on_sm90
+from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, _tma_ok, on_sm90
 
 HALF_M = 64  # query rows per consumer warpgroup; a CTA has two
 BLOCK_M = 2 * HALF_M
@@ -270,23 +268,6 @@ def hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_ma
     return all(_tma_ok(t) for t in (q, k, v, dout))
 
 
-@functools.cache
-def _plane_layout(bn: int, dtype: torch.dtype):
-    """The shared layout of a (1, 1, 64, bn) bias/dbias box: that of the kernel's bias halves."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, HALF_M, bn], GL_DTYPES[dtype])
-
-
-def _plane_descriptor(t, bn):
-    """A 4-D descriptor over a (batch or 1, heads or 1, seqlen_q, seqlen_k) plane, boxes (1, 1,
-    64, bn): a broadcast (stride 0) batch or head dim sliced to one element (the kernel's
-    coordinate there is 0), one-element dims as in hopper._unchecked_descriptor."""
-    if t.stride(0) == 0:
-        t = t[:1]
-    if t.stride(1) == 0:
-        t = t[:, :1]
-    return _unchecked_descriptor(t, [1, 1, HALF_M, bn], _plane_layout(bn, t.dtype))
-
-
 def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
     """The bias gradient, (bias.shape) in the bias dtype, contiguous, for a call
     ``hopper_dbias_supports`` accepted: dS summed over the bias's size-1 batch and head dims.
@@ -302,8 +283,8 @@ def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
         do_desc=_descriptor(dout, HALF_M),
         k_desc=_descriptor(k, bn),
         v_desc=_descriptor(v, bn),
-        bias_desc=_plane_descriptor(bias, bn),
-        dbias_desc=_plane_descriptor(dbias, bn),
+        bias_desc=_bias_descriptor(bias, bias.dtype, HALF_M, bn),
+        dbias_desc=_bias_descriptor(dbias, dbias.dtype, HALF_M, bn),
         lse_ptr=lse,
         delta_ptr=delta,
         dbias_heads=bias.shape[1],
