@@ -4,7 +4,8 @@ default, because on an H200 it measured at parity with the ``tl`` pass, not fast
 (docs/perf-notes.md, change 16). Verified there: tests/test_hopper_bwd.py, 62 tests.
 
 It computes what ``backward._attn_bwd_dkdv`` computes for the calls ``hopper_bwd_supports``
-accepts (no bias, ALiBi, key padding, varlen or score features: ``attn_bwd`` checks those),
+accepts (no ALiBi, key padding, varlen or score feature; no bias, or a 16-bit one with rows in
+the BIAS variant, which is not yet run on a GPU: docs/perf-notes.md, change 20),
 deterministically (each CTA owns its dK/dV rows, no atomics, one query order); dQ stays with
 the ``tl`` pass.
 
