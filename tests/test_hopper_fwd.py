@@ -263,11 +263,6 @@ def test_hopper_supports_bias(over, expected):
     assert hopper.hopper_supports(**_call(**over)) is expected
 
 
-def test_plain_scores_still_refuses_bias():
-    """The backward's Gluon pass (hopper_bwd.py) uses plain_scores: it keeps refusing a bias."""
-    assert hopper.plain_scores(_bias((2, 4, 200, 300), 304), None, None, NO_FEATURES, False) is False
-
-
 @pytest.mark.parametrize("shape, box_coords", [
     ((2, 4, 200, 300), (2, 4)), ((1, 4, 200, 300), (1, 4)), ((2, 1, 200, 300), (2, 1)), ((1, 1, 1, 300), (1, 1)),
 ])
@@ -288,10 +283,10 @@ def test_bias_descriptor(shape, box_coords, expand):
 
 
 def test_plain_scores_still_refuses_key_padding():
-    """The forward checks a mask itself; plain_scores, which the backward's Gluon pass uses too,
+    """The forward checks a mask itself; plain_scores, which the backward's Gluon passes use too,
     keeps refusing one."""
-    assert hopper.plain_scores(None, None, None, NO_FEATURES, False) is True
-    assert hopper.plain_scores(None, torch.empty(2, 300, dtype=torch.uint8), None, NO_FEATURES, False) is False
+    assert hopper.plain_scores(None, None, NO_FEATURES, False) is True
+    assert hopper.plain_scores(torch.empty(2, 300, dtype=torch.uint8), None, NO_FEATURES, False) is False
 
 
 def test_hopper_supports_asks_the_device_for_cpu_tensors():

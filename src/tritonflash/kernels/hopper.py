@@ -809,11 +809,11 @@ def on_sm90(t: torch.Tensor, capability=None) -> bool:
     return tuple(capability) == (9, 0)
 
 
-def plain_scores(bias, key_padding_mask, varlen, features, causal) -> bool:
-    """No bias tensor, key padding, varlen or score feature but causal masking (which may come
-    as window (-1, 0)): what the Gluon kernels take (ALiBi is each kernel's own choice, and so is
-    key padding: the forward checks a mask itself and passes None here)."""
-    if varlen is not None or bias is not None or key_padding_mask is not None:
+def plain_scores(key_padding_mask, varlen, features, causal) -> bool:
+    """No key padding, varlen or score feature but causal masking (which may come as window
+    (-1, 0)): what the Gluon kernels take (ALiBi and a bias tensor are each kernel's own choice
+    (_bias_ok), and so is key padding: the forward checks a mask itself and passes None here)."""
+    if varlen is not None or key_padding_mask is not None:
         return False
     left, right = features.window
     if left != -1 or right not in ((-1, 0) if causal else (-1,)):
@@ -857,10 +857,10 @@ def hopper_supports(q, k, v, out, bias, alibi_slopes, key_padding_mask, causal, 
     """Whether ``hopper_fwd`` computes this ``attn_fwd`` call (same arguments, validated).
     ``capability``: the GPU's (major, minor); None asks q's device (CPU tensors: False)."""
     # The forward takes key padding or a bias (their own checks, below), not both;
-    # plain_scores still refuses both for the backward's Gluon pass.
+    # plain_scores still refuses key padding for the backward's Gluon passes.
     if bias is not None and key_padding_mask is not None:
         return False
-    if not on_sm90(q, capability) or not plain_scores(None, None, varlen, features, causal):
+    if not on_sm90(q, capability) or not plain_scores(None, varlen, features, causal):
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in GL_DTYPES or not (k.dtype == v.dtype == q.dtype):
         return False

@@ -1,7 +1,8 @@
 """Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). Opt-in:
 ``attn_bwd`` runs it with ``TRITONFLASH_HOPPER_BWD=1`` (``backward._hopper_bwd_module``); off by
 default, because on an H200 it measured at parity with the ``tl`` pass, not faster
-(docs/perf-notes.md, change 16). Verified there: tests/test_hopper_bwd.py, 62 tests.
+(docs/perf-notes.md, change 16). Verified there without a bias: tests/test_hopper_bwd.py, 62
+tests at the time; the BIAS variant's tests have not run on a GPU yet.
 
 It computes what ``backward._attn_bwd_dkdv`` computes for the calls ``hopper_bwd_supports``
 accepts (no ALiBi, key padding, varlen or score feature; no bias, or a 16-bit one with rows in
@@ -296,7 +297,7 @@ def hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padd
         return False
     # A bias of q's dtype with a real (seqlen_q, seqlen_k) plane (hopper._bias_ok) runs in the
     # BIAS variant; other biases (row biases with their key-sum gradient, fp32) take the tl pass.
-    if not plain_scores(None, key_padding_mask, varlen, features, causal):
+    if not plain_scores(key_padding_mask, varlen, features, causal):
         return False
     if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
         return False

@@ -45,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, _tma_ok, on_sm90
+from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
 
 HALF_M = 64  # query rows per consumer warpgroup; a CTA has two
 BLOCK_M = 2 * HALF_M
@@ -244,14 +244,9 @@ def hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_ma
     plane that TMA can read (``hopper._bias_ok``) and a gradient TMA can write (seqlen_k * 2 bytes
     a multiple of 16), no ALiBi, key padding, varlen or score feature, causal only with
     seqlen_k >= seqlen_q, TMA-addressable q/k/v/dout and a contiguous lse."""
-    if not on_sm90(q, capability) or bias is None or alibi_slopes is not None or key_padding_mask is not None:
+    if not on_sm90(q, capability) or bias is None or alibi_slopes is not None:
         return False
-    if varlen is not None:
-        return False
-    left, right = features.window
-    if left != -1 or right not in ((-1, 0) if causal else (-1,)):
-        return False
-    if features.softcap != 0 or features.sinks is not None or features.dropout_p != 0 or features.attn_mask is not None:
+    if not plain_scores(key_padding_mask, varlen, features, causal):
         return False
     if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout)):
         return False
