@@ -149,3 +149,10 @@ def refused_by_gluon_backward(b, sq, sk, h, d):
     ]
     return [pytest.param(over, False, id=name) for over, name in cases]
 
+
+def learned_bias(shape, dtype, device, row_pad=0):
+    """A bias of ``shape`` that requires grad (values ~N(0, 4)), its rows padded in memory by
+    ``row_pad`` elements (a row stride TMA can read when seqlen_k * 2 bytes is not a multiple of 16)."""
+    *lead, sk = shape
+    return torch.randn(*lead, sk + row_pad, device=device).mul(2).to(dtype)[..., :sk].requires_grad_()
+

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, refused_by_gluon_backward, spy_calls
+from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, learned_bias, make_qkv, refused_by_gluon_backward, spy_calls
 from tritonflash import flash_attn_func
 from tritonflash.kernels import backward, hopper_bwd, hopper_dbias
 from tritonflash.kernels.common import NO_FEATURES, Features
@@ -152,16 +152,10 @@ def test_row_less_bias_gradient_stays_on_tl(bwd_calls):
 @sm90
 def test_bias_variant_fp16(bwd_calls):
     q, k, v = make_qkv(2, 200, 304, 4, 128, torch.float16, DEVICE, nheads_k=2)
-    bias = _bias((1, 4, 200, 304), torch.float16)
+    bias = learned_bias((1, 4, 200, 304), torch.float16, DEVICE)
     out = flash_attn_func(q, k, v, bias, True)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=True)
     assert bwd_calls
-
-
-def _bias(shape, dtype, row_pad=0):
-    """A learned bias of ``shape``, its rows padded in memory by ``row_pad`` elements."""
-    *lead, sk = shape
-    return torch.randn(*lead, sk + row_pad, device=DEVICE).mul(2).to(dtype)[..., :sk].requires_grad_()
 
 
 @pytest.mark.gpu
@@ -178,7 +172,7 @@ def test_bias_variant_matches_reference(bwd_calls, sq, sk, bias_dims, head_dim, 
     b, h, hk = 2, 6, 2
     q, k, v = make_qkv(b, sq, sk, h, head_dim, torch.bfloat16, DEVICE, nheads_k=hk)
     lead = {"heads": (1, h), "full": (b, h), "shared": (1, 1)}[bias_dims]
-    bias = _bias((*lead, sq, sk), torch.bfloat16, row_pad=(-sk) % 8)
+    bias = learned_bias((*lead, sq, sk), torch.bfloat16, DEVICE, row_pad=(-sk) % 8)
     out = flash_attn_func(q, k, v, bias, causal)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=causal)
     assert bool(bwd_calls) is not (causal and sk < sq)

@@ -18,7 +18,16 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from helpers import assert_gluon_compiled, check_against_reference, compile_gluon_cases, make_qkv, refused_by_gluon_backward, run_compile_script, spy_calls
+from helpers import (
+    assert_gluon_compiled,
+    check_against_reference,
+    compile_gluon_cases,
+    learned_bias,
+    make_qkv,
+    refused_by_gluon_backward,
+    run_compile_script,
+    spy_calls,
+)
 from tritonflash import flash_attn_func
 from tritonflash.kernels import backward, hopper_dbias
 from tritonflash.kernels.common import NO_FEATURES, Features
@@ -35,16 +44,10 @@ def dbias_calls(monkeypatch):
     return spy_calls(monkeypatch, hopper_dbias, "hopper_dbias")
 
 
-def _bias(shape, dtype, row_pad=0):
-    """A learned bias of ``shape`` (its last dim padded by ``row_pad`` elements in memory)."""
-    *lead, sk = shape
-    return torch.randn(*lead, sk + row_pad, device=DEVICE).mul(2).to(dtype)[..., :sk].requires_grad_()
-
-
 def _check(dbias_calls, b, sq, sk, h, hk, d, causal, bias_dims="heads", dtype=torch.bfloat16, taken=True):
     q, k, v = make_qkv(b, sq, sk, h, d, dtype, DEVICE, nheads_k=hk)
     lead = {"heads": (1, h), "full": (b, h), "shared": (1, 1), "batch": (b, 1)}[bias_dims]
-    bias = _bias((*lead, sq, sk), dtype)
+    bias = learned_bias((*lead, sq, sk), dtype, DEVICE)
     out = flash_attn_func(q, k, v, bias, causal)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, causal=causal)
     assert bool(dbias_calls) is taken, f"the Gluon bias-gradient pass {'did not run' if taken else 'ran'}"
@@ -89,11 +92,11 @@ def test_broadcast_and_padded_bias_layouts(dbias_calls):
     """A batch-expanded bias (stride 0: a gradient per batch, summed by autograd into the base)
     and a bias whose rows are padded in memory (row stride > seqlen_k)."""
     q, k, v = make_qkv(3, 136, 136, 4, 64, torch.bfloat16, DEVICE, nheads_k=2)
-    base = _bias((1, 4, 136, 136), torch.bfloat16)
+    base = learned_bias((1, 4, 136, 136), torch.bfloat16, DEVICE)
     expanded = base.expand(3, 4, 136, 136)
     out = flash_attn_func(q, k, v, expanded, True)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=base, causal=True)
-    padded = _bias((1, 4, 136, 136), torch.bfloat16, row_pad=8)
+    padded = learned_bias((1, 4, 136, 136), torch.bfloat16, DEVICE, row_pad=8)
     out = flash_attn_func(q, k, v, padded, False)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=padded)
     assert len(dbias_calls) == 2
@@ -129,7 +132,7 @@ def test_non_finite_k_and_v_at_hidden_keys(dbias_calls, monkeypatch, head_dim):
     monkeypatch.setenv("TRITONFLASH_HOPPER_FWD", "0")
     sq, sk = 192, 256
     q, k, v = make_qkv(2, sq, sk, 4, head_dim, torch.bfloat16, DEVICE, requires_grad=False)
-    bias = _bias((1, 4, sq, sk), torch.bfloat16)
+    bias = learned_bias((1, 4, sq, sk), torch.bfloat16, DEVICE)
     dout = torch.randn(2, sq, 4, head_dim, device=DEVICE, dtype=torch.bfloat16)
     (clean,) = torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)
     k, v = k.clone(), v.clone()
@@ -145,10 +148,10 @@ def test_head_expanded_bias_and_negative_scale(dbias_calls):
     """A head-expanded bias (stride 0, size h: a gradient per head, summed by autograd) and a
     negative softmax_scale (finite scales are valid; the tl forward runs then)."""
     q, k, v = make_qkv(2, 136, 200, 4, 64, torch.bfloat16, DEVICE, nheads_k=2)
-    base = _bias((2, 1, 136, 200), torch.bfloat16)
+    base = learned_bias((2, 1, 136, 200), torch.bfloat16, DEVICE)
     out = flash_attn_func(q, k, v, base.expand(2, 4, 136, 200), True)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=base, causal=True)
-    bias = _bias((1, 4, 136, 200), torch.bfloat16)
+    bias = learned_bias((1, 4, 136, 200), torch.bfloat16, DEVICE)
     out = flash_attn_func(q, k, v, bias, False, -0.2)
     check_against_reference(out, q, k, v, torch.randn_like(out), bias=bias, softmax_scale=-0.2)
     assert len(dbias_calls) == 2
@@ -158,7 +161,7 @@ def test_head_expanded_bias_and_negative_scale(dbias_calls):
 @sm90
 def test_deterministic_and_equal_to_the_tl_pass_within_rounding(dbias_calls, monkeypatch):
     q, k, v = make_qkv(4, 1024, 1024, 8, 64, torch.bfloat16, DEVICE)
-    bias = _bias((1, 8, 1024, 1024), torch.bfloat16)
+    bias = learned_bias((1, 8, 1024, 1024), torch.bfloat16, DEVICE)
     dout = torch.randn(4, 1024, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     grads = [torch.autograd.grad(flash_attn_func(q, k, v, bias, True), bias, dout)[0] for _ in range(2)]
     assert len(dbias_calls) == 2
@@ -175,9 +178,9 @@ def test_deterministic_and_equal_to_the_tl_pass_within_rounding(dbias_calls, mon
 def test_not_taken_with_alibi_or_fp32_bias(dbias_calls):
     q, k, v = make_qkv(1, 128, 128, 2, 64, torch.bfloat16, DEVICE)
     slopes = torch.tensor([[0.5, 0.25]], device=DEVICE)
-    bias = _bias((1, 2, 128, 128), torch.bfloat16)
+    bias = learned_bias((1, 2, 128, 128), torch.bfloat16, DEVICE)
     flash_attn_func(q, k, v, bias, True, alibi_slopes=slopes).float().square().sum().backward()
-    flash_attn_func(q, k, v, _bias((1, 2, 128, 128), torch.float32), True).float().square().sum().backward()
+    flash_attn_func(q, k, v, learned_bias((1, 2, 128, 128), torch.float32, DEVICE), True).float().square().sum().backward()
     assert not dbias_calls
 
 
