@@ -26,6 +26,11 @@ from tritonflash.kernels.hopper import LOG2E
 from tritonflash.kernels.hopper_dbias import hopper_dbias
 
 
+def _rel_err(ours, theirs) -> float:
+    """Largest difference relative to the largest reference value."""
+    return ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max().clamp_min(1e-6)).item()
+
+
 def formula_dbias(q, k, v, dout, out, lse, bias, causal, softmax_scale):
     """The kernel's arithmetic in torch (CPU or GPU, any float dtype): the causal mask folded into
     the bias as -inf, P = exp2(q.k * scale * log2 e + bias * log2 e - lse * log2 e) with a row's
@@ -76,7 +81,7 @@ def formula_check() -> float:
         ours = formula_dbias(q, k, v, dout, out.detach(), lse.detach(), bias.detach(), causal, d ** -0.5)
         if not (torch.isfinite(ours).all() and torch.isfinite(grad).all()):
             return float("inf")
-        worst = max(worst, ((ours - grad).abs().max() / grad.abs().max()).item())
+        worst = max(worst, _rel_err(ours, grad))
     return worst
 
 
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
                 delta = (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
                 ours = hopper_dbias(q, k, v, dout, lse.contiguous(), delta, bias, causal, d ** -0.5)
                 theirs = _library_dbias(q, k, v, bias, causal, dout)
-                err = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+                err = _rel_err(ours, theirs)
                 worst = max(worst, err)
                 print(f"check d{d} gqa 8/2 sq 256 sk 512 causal={causal}: max rel diff {err:.2e}", flush=True)
     print(f"{'d':>3} {'seqlen':>6} {'causal':>6} {'gluon ms':>9} {'library ms':>10} {'library/gluon':>13} {'max rel diff':>12}")
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
                 if args.check:
                     ours, again = run(), run()
                     theirs = _library_dbias(q, k, v, bias, causal, dout)
-                    err = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max().clamp_min(1e-6)).item()
+                    err = _rel_err(ours, theirs)
                     worst = max(worst, err)
                     if not torch.equal(ours, again):
                         print("  not bitwise reproducible")

@@ -425,12 +425,13 @@ def attn_bwd(
     _launch_dq(grid_dq, **pb.operands(DQ=dq), batch=batch, nheads=nheads, sm_scale=softmax_scale, **common, **cu)
 
     dbias = None
+    hopper_dbias = _hopper_dbias_module() if row_grad else None
     if dbias_cols is not None:
         # Summed over broadcast batches/heads in fp32, rounded to the bias dtype once.
         dbias = dbias_cols.sum_to_size(bias.shape).to(bias.dtype)
-    elif row_grad and _hopper_dbias_takes(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen,
-                                          features):
-        dbias = _hopper_dbias_module().hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale)
+    elif row_grad and hopper_dbias is not None and hopper_dbias.hopper_dbias_supports(
+            q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
+        dbias = hopper_dbias.hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale)
     elif row_grad:
         dbias = torch.empty(bias.shape, device=q.device, dtype=bias.dtype)
         sum_batch = batch if bias.shape[0] == 1 else 1
@@ -480,13 +481,6 @@ def _hopper_dbias_module():
     """kernels/hopper_dbias.py (the Gluon bias-gradient pass, EXPERIMENTAL) with
     ``TRITONFLASH_HOPPER_DBIAS=1``."""
     return _opt_in_module(HOPPER_DBIAS_ENV, "hopper_dbias")
-
-
-def _hopper_dbias_takes(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
-    """Whether the switch is on and the Gluon bias-gradient pass covers this call."""
-    module = _hopper_dbias_module()
-    return module is not None and module.hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_mask, causal,
-                                                               softmax_scale, varlen, features)
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

@@ -284,35 +284,40 @@ def _hopper_attn_bwd_dkdv(
         ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
+def backward_operands_ok(q, k, v, dout, lse, causal, *outputs) -> bool:
+    """The operands a Gluon backward pass reads (and ``outputs`` it writes, like k): fp16/bf16
+    (batch, seqlen, heads, head dim) tensors of one dtype, head dim 64/128, no empty dimension
+    (TMA descriptors cannot have one; the tl passes launch nothing there), GQA heads, causal only
+    with seqlen_k >= seqlen_q, all addressable by TMA, and a contiguous lse. Shared by
+    ``hopper_bwd_supports`` and ``hopper_dbias.hopper_dbias_supports``."""
+    if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, *outputs)):
+        return False
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch or dout.shape != q.shape:
+        return False
+    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
+        return False
+    if (causal and seqlen_k < seqlen_q) or not lse.is_contiguous():
+        return False
+    return all(_tma_ok(t) for t in (q, k, v, dout, *outputs))
+
+
 def hopper_bwd_supports(q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen,
                         features, capability=None) -> bool:
     """Whether ``hopper_bwd_dkdv`` computes this ``attn_bwd`` call's dK/dV (its arguments,
     validated): sm_90 (``capability`` (major, minor), else q's device), no ALiBi, key padding,
-    varlen or score feature, no bias or one ``hopper._bias_ok`` accepts (q's dtype, a real
-    (seqlen_q, seqlen_k) plane TMA can read: the BIAS variant), fp16/bf16, head dim 64/128, no
-    empty dimension, causal only with seqlen_k >= seqlen_q, (batch, seqlen, heads, head dim)
-    tensors TMA can address and a contiguous lse. A bias gradient without a row dimension comes
-    from the tl pass (attn_bwd checks that)."""
-    if not on_sm90(q, capability) or alibi_slopes is not None:
+    varlen or score feature, a positive softmax_scale, operands ``backward_operands_ok`` accepts,
+    and no bias or one ``hopper._bias_ok`` accepts (q's dtype, a real (seqlen_q, seqlen_k) plane
+    TMA can read: the BIAS variant; other biases, fp32 or row-less, take the tl pass). A bias
+    gradient without a row dimension comes from the tl pass (attn_bwd checks that)."""
+    if not on_sm90(q, capability) or alibi_slopes is not None or not softmax_scale > 0:
         return False
-    # A bias of q's dtype with a real (seqlen_q, seqlen_k) plane (hopper._bias_ok) runs in the
-    # BIAS variant; other biases (row biases with their key-sum gradient, fp32) take the tl pass.
     if not plain_scores(key_padding_mask, varlen, features, causal):
         return False
-    if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout, dk, dv)):
+    if not backward_operands_ok(q, k, v, dout, lse, causal, dk, dv):
         return False
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch:
-        return False
-    # TMA descriptors cannot have an empty dimension (the tl pass launches nothing there).
-    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
-        return False
-    if (causal and seqlen_k < seqlen_q) or not softmax_scale > 0 or not lse.is_contiguous():
-        return False
-    if bias is not None and not _bias_ok(bias, q, seqlen_k):
-        return False
-    return all(_tma_ok(t) for t in (q, k, v, dout, dk, dv))
+    return bias is None or _bias_ok(bias, q, k.shape[1])
 
 
 def hopper_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal, softmax_scale, bias=None):

@@ -45,7 +45,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import GL_DTYPES, HEAD_DIMS, LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, _tma_ok, on_sm90, plain_scores
+from .hopper import LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, on_sm90, plain_scores
+from .hopper_bwd import backward_operands_ok
 
 HALF_M = 64  # query rows per consumer warpgroup; a CTA has two
 BLOCK_M = 2 * HALF_M
@@ -240,27 +241,17 @@ def hopper_dbias_supports(q, k, v, dout, lse, bias, alibi_slopes, key_padding_ma
                           capability=None) -> bool:
     """Whether ``hopper_dbias`` computes this ``attn_bwd`` call's bias gradient (its arguments,
     validated, with a bias that requires grad): sm_90 (``capability`` (major, minor), else q's
-    device), fp16/bf16, head dim 64/128, a bias of q's dtype with a real (seqlen_q, seqlen_k)
-    plane that TMA can read (``hopper._bias_ok``) and a gradient TMA can write (seqlen_k * 2 bytes
-    a multiple of 16), no ALiBi, key padding, varlen or score feature, causal only with
-    seqlen_k >= seqlen_q, TMA-addressable q/k/v/dout and a contiguous lse."""
-    if not on_sm90(q, capability) or bias is None or alibi_slopes is not None:
+    device), no ALiBi, key padding, varlen or score feature, a finite softmax_scale, operands
+    ``hopper_bwd.backward_operands_ok`` accepts, and a bias of q's dtype with a real (seqlen_q,
+    seqlen_k) plane that TMA can read (``hopper._bias_ok``) and a gradient TMA can write
+    (seqlen_k * 2 bytes a multiple of 16)."""
+    if not on_sm90(q, capability) or bias is None or alibi_slopes is not None or not abs(softmax_scale) < float("inf"):
         return False
     if not plain_scores(key_padding_mask, varlen, features, causal):
         return False
-    if q.dim() != 4 or q.dtype not in GL_DTYPES or not all(t.dtype == q.dtype and t.dim() == 4 for t in (k, v, dout)):
+    if not backward_operands_ok(q, k, v, dout, lse, causal):
         return False
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    if head_dim not in HEAD_DIMS or k.shape[3] != head_dim or v.shape != k.shape or k.shape[0] != batch or dout.shape != q.shape:
-        return False
-    if min(batch, seqlen_q, seqlen_k, nheads, nheads_k) < 1 or nheads % nheads_k:
-        return False
-    if (causal and seqlen_k < seqlen_q) or not abs(softmax_scale) < float("inf") or not lse.is_contiguous():
-        return False
-    if not _bias_ok(bias, q, seqlen_k) or (seqlen_k * bias.element_size()) % 16:
-        return False
-    return all(_tma_ok(t) for t in (q, k, v, dout))
+    return _bias_ok(bias, q, k.shape[1]) and (k.shape[1] * bias.element_size()) % 16 == 0
 
 
 def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
