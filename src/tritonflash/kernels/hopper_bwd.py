@@ -224,6 +224,23 @@ def _bwd_consumer1_bias(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_ba
                   hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL, b_smem, True)
 
 
+@gluon.jit
+def _stream_barriers(NS: gl.constexpr):
+    """The mbarriers of a pass that loads some tiles once and streams the rest through an NS-deep
+    ring, initialised and fenced: ``once`` (one expect-tx arrival), per stage ``ready`` (the
+    producer's expect-tx) and ``empty`` (2 arrivals: one per consumer warpgroup). Also used by
+    hopper_dbias.py."""
+    once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(once, count=1)
+    for i in gl.static_range(NS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()
+    return once, ready, empty
+
+
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
 def _hopper_attn_bwd_dkdv(
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc,  # 4-D (batch, seqlen, heads, head dim) TMA descriptors
@@ -254,14 +271,7 @@ def _hopper_attn_bwd_dkdv(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, HN, D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, HN, D], kv_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bar.index(i), count=1)
-        mbarrier.init(empty_bar.index(i), count=2)
-    fence_async_shared()
+    kv_bar, ready_bar, empty_bar = _stream_barriers(STAGES)
 
     consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, b, n0,
                      hk, nheads, kv_group, first, end, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL)

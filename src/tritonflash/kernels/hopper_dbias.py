@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .hopper import LOG2E, WARP_SPECIALISED, _bias_descriptor, _bias_ok, _descriptor, _tma_box, on_sm90, plain_scores
-from .hopper_bwd import backward_operands_ok
+from .hopper_bwd import _stream_barriers, backward_operands_ok
 
 HALF_M = 64  # query rows per consumer warpgroup; a CTA has two
 BLOCK_M = 2 * HALF_M
@@ -214,14 +214,7 @@ def _hopper_attn_bwd_dbias(
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     b_smem = gl.allocate_shared_memory(dtype, [2, HM, BN], b_layout)
-    b_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(b_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bar.index(i), count=1)
-        mbarrier.init(empty_bar.index(i), count=2)
-    fence_async_shared()
+    b_bar, ready_bar, empty_bar = _stream_barriers(STAGES)  # b_bar: the bias tile, loaded once
 
     consumer_args = (dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
                      sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
