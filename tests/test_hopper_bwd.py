@@ -209,17 +209,19 @@ def test_bias_variant_masking_biases_and_determinism(bwd_calls, monkeypatch):
 # CPU tier
 # --------------------------------------------------------------------------------------------
 
-# The opt-in switches of the Gluon backward passes: this dK/dV pass and the bias-gradient pass
-# (kernels/hopper_dbias.py, tests/test_hopper_dbias.py).
+# The switches of the Gluon backward passes: this dK/dV pass (opt-in) and the bias-gradient pass
+# (kernels/hopper_dbias.py, tests/test_hopper_dbias.py; on unless set to 0).
 SWITCHES = [
     pytest.param(backward.HOPPER_BWD_ENV, "_hopper_bwd_module", hopper_bwd, id="dkdv"),
     pytest.param(backward.HOPPER_DBIAS_ENV, "_hopper_dbias_module", hopper_dbias, id="dbias"),
 ]
+DEFAULT_ON = {backward.HOPPER_BWD_ENV: False, backward.HOPPER_DBIAS_ENV: True}
 
 
 @pytest.mark.parametrize("env, getter, module", SWITCHES)
-@pytest.mark.parametrize("raw, on", [(None, False), ("", False), ("0", False), (" 1 ", True)])
+@pytest.mark.parametrize("raw, on", [(None, None), ("", None), ("0", False), (" 1 ", True)])
 def test_switch(monkeypatch, env, getter, module, raw, on):
+    on = DEFAULT_ON[env] if on is None else on
     if raw is None:
         monkeypatch.delenv(env, raising=False)
     else:

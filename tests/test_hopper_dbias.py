@@ -82,6 +82,21 @@ def test_gradients_match_reference(dbias_calls, sq, sk, heads, bias_dims, head_d
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_persistent_grid_walks_many_tiles(dbias_calls, head_dim, causal):
+    """Far more tiles than SMs, not a multiple of the grid: each CTA walks tiles of several slices,
+    ragged query blocks (a missing second 64-row half) and, causal, tiles with no step, the
+    ring and both bias buffers running on from one to the next."""
+    b, sq, sk, h = 2, 300, 1000, 8
+    n_tiles = b * h * -(-sq // hopper_dbias.BLOCK_M) * -(-sk // hopper_dbias.block_n(head_dim))
+    sms = hopper_dbias._sm_count(torch.device(DEVICE))
+    assert n_tiles > 2 * sms and n_tiles % sms != 0
+    _check(dbias_calls, b, sq, sk, h, 4, head_dim, causal, "full")
+
+
+@pytest.mark.gpu
+@sm90
 def test_fp16(dbias_calls):
     _check(dbias_calls, 2, 300, 304, 4, 2, 128, True, dtype=torch.float16)
 

@@ -33,6 +33,8 @@ key (lse -inf) gets P = 0, as the tl pass gives.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -53,124 +55,203 @@ BLOCK_M = 2 * HALF_M
 STAGES = gl.constexpr(2)  # ring stages: d128 holds 2 x 96 KB of Q/dO/K/V + the 16 KB bias tile
 
 
+BIAS_BUFFERS = 2  # a tile's bias loads while the tile before is summed: 2 x 32 KB at d64, 2 x 16 KB at d128
+SM_COUNT_COMPILE_ONLY = 132  # H100 SXM / H200: the grid of a compile-only run (CPU tensors)
+
+
+def _sm_count(device) -> int:
+    """The persistent grid's size: one CTA per SM (its shared memory allows no second)."""
+    if device.type != "cuda":
+        return SM_COUNT_COMPILE_ONLY
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def block_n(head_dim: int) -> int:
     """Keys per CTA: 128 at d64 (2 x 64 KB stages + a 32 KB bias tile), 64 at d128 (shared memory)."""
     return 128 if head_dim <= 64 else 64
 
 
 @gluon.jit
-def _dbias_producer(q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar,
-                    empty_bar, bb, bh, db, dh, sum_heads, kv_group, m0, n0, n_steps, seqlen_q):
+def _dbias_tile(base, n_n, n_m, n_tiles, dbias_heads, n_steps_all, seqlen_q, seqlen_k, BM: gl.constexpr, BN: gl.constexpr,
+                CAUSAL: gl.constexpr):
+    """(m0, n0, db, dh, n_steps, valid) of this CTA's tile in the round starting at tile ``base``.
+    Under causal masking rounds alternate direction (CTA p takes base + p, then base + grid - 1 -
+    p): about half the tiles have no step, in a pattern a fixed stride hands unevenly to the CTAs
+    (up to 2x the mean at 1k); alternating pairs them out (measured 1k 0.40 -> 0.32 ms, 2k 0.78 ->
+    0.67 ms at d64). Without it the stride is fixed (alternating cost 4-8% there). Tiles: key blocks fastest (the
+    CTAs side by side read the same Q/dO rows), then query blocks, then dbias slices, so a round
+    keeps a few query blocks of one slice, with their K/V and Q/dO, in L2. (db, dh) is the tile's
+    dbias (batch, head), 0 on a summed (size-1) dim: also its first summed slice. A tile past the
+    last (``valid`` false, in the last round) has no step and is not stored."""
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    tile = base + pid
+    if CAUSAL:
+        tile = base + gl.where((base // nprog) % 2 == 0, pid, nprog - 1 - pid)
+    valid = tile < n_tiles
+    n0 = (tile % n_n) * BN
+    m0 = ((tile // n_n) % n_m) * BM
+    slice_id = tile // (n_n * n_m)
+    n_steps = gl.where(valid, n_steps_all, 0)
+    if CAUSAL:
+        # No row of the tile sees its first key: the tile is all zeros (no Q/dO/K/V loads, no loop).
+        n_steps = gl.where(n0 <= m0 + BM - 1 + seqlen_k - seqlen_q, n_steps, 0)
+    return m0, n0, slice_id // dbias_heads, slice_id % dbias_heads, n_steps, valid
+
+
+@gluon.jit
+def _dbias_producer(q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty,
+                    ready_bar, empty_bar, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, kv_group, seqlen_q,
+                    seqlen_k, CAUSAL: gl.constexpr):
     NS: gl.constexpr = k_smem.shape[0]
+    NB: gl.constexpr = b_smem.shape[0] // 2
     HM: gl.constexpr = q_smem.shape[1]
     BN: gl.constexpr = b_smem.shape[2]
     HALF_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
     KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
     BIAS_BYTES: gl.constexpr = bias_desc.block_type.nbytes
-    # The second 64-row half only if it has a real row (a wholly out-of-bounds box is not relied
-    # on to signal its bytes); the byte counts are immediates, hence complementary predicates.
-    second = m0 + HM < seqlen_q
-    mbarrier.expect(b_bar, 2 * BIAS_BYTES, pred=second)
-    mbarrier.expect(b_bar, BIAS_BYTES, pred=m0 + HM >= seqlen_q)
-    tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, n0], b_bar, b_smem.index(0).reshape([1, 1, HM, BN]))
-    tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0 + HM, n0], b_bar, b_smem.index(1).reshape([1, 1, HM, BN]),
-                                    pred=second)
-    for t in range(n_steps):  # the summed (batch, head) slices, heads fastest
-        b = db + t // sum_heads
-        h = dh + t % sum_heads
-        hk = h // kv_group
-        s = t % NS
-        # Fresh barrier: waiting for parity 1 passes at once (the producer starts one phase ahead).
-        mbarrier.wait(empty_bar.index(s), ((t // NS) & 1) ^ 1)
-        bar = ready_bar.index(s)
-        mbarrier.expect(bar, 2 * HALF_BYTES + KV_BYTES, pred=second)
-        mbarrier.expect(bar, HALF_BYTES + KV_BYTES, pred=m0 + HM >= seqlen_q)
-        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], bar, _tma_box(q_smem.index(2 * s)))
-        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], bar, _tma_box(do_smem.index(2 * s)))
-        tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], bar, _tma_box(q_smem.index(2 * s + 1)), pred=second)
-        tma.async_copy_global_to_shared(do_desc, [b, m0 + HM, h, 0], bar, _tma_box(do_smem.index(2 * s + 1)), pred=second)
-        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], bar, _tma_box(k_smem.index(s)))
-        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], bar, _tma_box(v_smem.index(s)))
+    g = 0  # ring steps issued so far, over all of this CTA's tiles
+    i = 0  # tiles so far
+    for base in range(0, n_tiles, gl.num_programs(0)):
+        m0, n0, db, dh, n_steps, valid = _dbias_tile(base, n_n, n_m, n_tiles, dbias_heads, n_steps_all, seqlen_q, seqlen_k,
+                                                     2 * HM, BN, CAUSAL)
+        bb = gl.minimum(db, bias_desc.shape[0] - 1)  # the bias's own coordinates (one element if broadcast)
+        bh = gl.minimum(dh, bias_desc.shape[1] - 1)
+        # The tile's bias buffer, once its consumers have stored the tile before from it (a fresh
+        # barrier: waiting for parity 1 passes at once). A tile with no step needs no bias (its
+        # consumers store zeros): a plain arrival completes the phase.
+        j = i % NB
+        mbarrier.wait(b_empty.index(j), ((i // NB) & 1) ^ 1)
+        work = n_steps > 0
+        # The second 64-row half only if it has a real row (a wholly out-of-bounds box is not
+        # relied on to signal its bytes); the byte counts are immediates, hence complementary
+        # predicates.
+        second = m0 + HM < seqlen_q
+        mbarrier.expect(b_ready.index(j), 2 * BIAS_BYTES, pred=work & second)
+        mbarrier.expect(b_ready.index(j), BIAS_BYTES, pred=work & (m0 + HM >= seqlen_q))
+        mbarrier.arrive(b_ready.index(j), count=1, pred=n_steps == 0)
+        tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0, n0], b_ready.index(j),
+                                        b_smem.index(2 * j).reshape([1, 1, HM, BN]), pred=work)
+        tma.async_copy_global_to_shared(bias_desc, [bb, bh, m0 + HM, n0], b_ready.index(j),
+                                        b_smem.index(2 * j + 1).reshape([1, 1, HM, BN]), pred=work & second)
+        for t in range(n_steps):  # the summed (batch, head) slices, heads fastest
+            b = db + t // sum_heads
+            h = dh + t % sum_heads
+            hk = h // kv_group
+            s = (g + t) % NS
+            mbarrier.wait(empty_bar.index(s), (((g + t) // NS) & 1) ^ 1)
+            bar = ready_bar.index(s)
+            mbarrier.expect(bar, 2 * HALF_BYTES + KV_BYTES, pred=second)
+            mbarrier.expect(bar, HALF_BYTES + KV_BYTES, pred=m0 + HM >= seqlen_q)
+            tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], bar, _tma_box(q_smem.index(2 * s)))
+            tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], bar, _tma_box(do_smem.index(2 * s)))
+            tma.async_copy_global_to_shared(q_desc, [b, m0 + HM, h, 0], bar, _tma_box(q_smem.index(2 * s + 1)), pred=second)
+            tma.async_copy_global_to_shared(do_desc, [b, m0 + HM, h, 0], bar, _tma_box(do_smem.index(2 * s + 1)), pred=second)
+            tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], bar, _tma_box(k_smem.index(s)))
+            tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], bar, _tma_box(v_smem.index(s)))
+        g += n_steps
+        i += 1
 
 
 @gluon.jit
-def _dbias_consumer(WG: gl.constexpr, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr,
-                    delta_ptr, db, dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale,
-                    CAUSAL: gl.constexpr):
+def _dbias_consumer(WG: gl.constexpr, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar,
+                    empty_bar, lse_ptr, delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q,
+                    seqlen_k, qk_scale, CAUSAL: gl.constexpr):
     NS: gl.constexpr = k_smem.shape[0]
+    NB: gl.constexpr = b_smem.shape[0] // 2
     HM: gl.constexpr = q_smem.shape[1]
     BN: gl.constexpr = b_smem.shape[2]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     LOG2E_C: gl.constexpr = 1.4426950408889634
-    row0 = m0 + WG * HM
     rows = gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-    in_q = (row0 + rows) < seqlen_q
-    bias_t = b_smem.index(WG)
-    acc = gl.zeros([HM, BN], gl.float32, s_layout)
-    mbarrier.wait(b_bar, 0)  # also before the epilogue overwrites the buffer when n_steps = 0
-    if CAUSAL:
-        # -inf where key j is hidden from query i (j > i + seqlen_k - seqlen_q), once: the loop
-        # then runs the non-causal code (a mask built in the loop is loop-invariant, was hoisted
-        # and spilled 56-68 bytes at d64). Each thread rewrites the elements it reads.
-        visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (row0 + seqlen_k - seqlen_q - n0), 1)
-        bias_t.store(gl.where(visible, bias_t.load(s_layout), float("-inf")).to(bias_t.dtype))
-        gl.thread_barrier()
-    for t in range(n_steps):
-        b = db + t // sum_heads  # (db, dh) is the first summed slice: 0 on a summed dim
-        h = dh + t % sum_heads
-        s = t % NS
-        # lse and delta of the slice's rows, read before the wait (their latency overlaps the TMA).
-        # Rows past seqlen_q and rows that see no key (lse -inf) get lse +inf: P = 0.
-        stat = (b * nheads + h).to(gl.int64) * seqlen_q + row0
-        lse2 = gl.load(lse_ptr + stat + rows, mask=in_q, other=float("inf")) * LOG2E_C
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-        delta = gl.load(delta_ptr + stat + rows, mask=in_q, other=0.0)
-        mbarrier.wait(ready_bar.index(s), (t // NS) & 1)
-        s_tok = warpgroup_mma(q_smem.index(2 * s + WG), k_smem.index(s).permute((1, 0)), gl.zeros([HM, BN], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(do_smem.index(2 * s + WG), v_smem.index(s).permute((1, 0)),
-                               gl.zeros([HM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        # P in log2 units: q.k * scale * log2 e + bias * log2 e - lse * log2 e.
-        bias = bias_t.load(s_layout).to(gl.float32)
-        x = sc * qk_scale + bias * LOG2E_C - gl.expand_dims(lse2, 1)
+    g = 0  # ring steps consumed so far, over all of this CTA's tiles
+    i = 0
+    for base in range(0, n_tiles, gl.num_programs(0)):
+        m0, n0, db, dh, n_steps, valid = _dbias_tile(base, n_n, n_m, n_tiles, dbias_heads, n_steps_all, seqlen_q, seqlen_k,
+                                                     2 * HM, BN, CAUSAL)
+        row0 = m0 + WG * HM
+        in_q = (row0 + rows) < seqlen_q
+        j = i % NB
+        bias_t = b_smem.index(2 * j + WG)
+        acc = gl.zeros([HM, BN], gl.float32, s_layout)
+        mbarrier.wait(b_ready.index(j), (i // NB) & 1)  # also when n_steps = 0: the buffer is then free to stage zeros
         if CAUSAL:
-            # A key the diagonal hides (folded -inf) gets P = 0 even when its K is not finite
-            # (S NaN), and dS = 0 below even when its V is not (dP NaN, 0 * NaN): such keys never
-            # reach the sum (docs/semantics.md, "Invisible keys"), as the tl pass zeroes dS there.
-            x = gl.where(bias == float("-inf"), float("-inf"), x)
-        p = gl.exp2(x)
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
-        gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
-        mbarrier.arrive(empty_bar.index(s), count=1)
-        ds = p * (dp - gl.expand_dims(delta, 1))
-        if CAUSAL:
-            ds = gl.where(p == 0.0, 0.0, ds)  # P = 0 makes dS 0 whatever dP is
-        acc += ds
-    if row0 < seqlen_q:
-        # The bias half is read for the last time above: it stages the sum for the store, which
-        # drops the rows past seqlen_q and the keys past seqlen_k.
-        bias_t.store(acc.to(bias_t.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(dbias_desc, [db, dh, row0, n0], bias_t.reshape([1, 1, HM, BN]))
-        tma.store_wait(pendings=0)
+            # -inf where key j is hidden from query i (j > i + seqlen_k - seqlen_q), once per tile:
+            # the loop then runs the non-causal code (a mask built in the loop is loop-invariant,
+            # was hoisted and spilled 56-68 bytes at d64). Each thread rewrites the elements it reads.
+            visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (row0 + seqlen_k - seqlen_q - n0), 1)
+            bias_t.store(gl.where(visible, bias_t.load(s_layout), float("-inf")).to(bias_t.dtype))
+            gl.thread_barrier()
+        for t in range(n_steps):
+            b = db + t // sum_heads  # (db, dh) is the first summed slice: 0 on a summed dim
+            h = dh + t % sum_heads
+            s = (g + t) % NS
+            # lse and delta of the slice's rows, read before the wait (their latency overlaps the
+            # TMA). Rows past seqlen_q and rows that see no key (lse -inf) get lse +inf: P = 0.
+            stat = (b * nheads + h).to(gl.int64) * seqlen_q + row0
+            lse2 = gl.load(lse_ptr + stat + rows, mask=in_q, other=float("inf")) * LOG2E_C
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+            delta = gl.load(delta_ptr + stat + rows, mask=in_q, other=0.0)
+            mbarrier.wait(ready_bar.index(s), ((g + t) // NS) & 1)
+            s_tok = warpgroup_mma(q_smem.index(2 * s + WG), k_smem.index(s).permute((1, 0)),
+                                  gl.zeros([HM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_smem.index(2 * s + WG), v_smem.index(s).permute((1, 0)),
+                                   gl.zeros([HM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            # P in log2 units: q.k * scale * log2 e + bias * log2 e - lse * log2 e.
+            bias = bias_t.load(s_layout).to(gl.float32)
+            x = sc * qk_scale + bias * LOG2E_C - gl.expand_dims(lse2, 1)
+            if CAUSAL:
+                # A key the diagonal hides (folded -inf) gets P = 0 even when its K is not finite
+                # (S NaN), and dS = 0 below even when its V is not (dP NaN, 0 * NaN): such keys
+                # never reach the sum (docs/semantics.md, "Invisible keys"), as the tl pass zeroes
+                # dS there.
+                x = gl.where(bias == float("-inf"), float("-inf"), x)
+            p = gl.exp2(x)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+            gl.thread_barrier()  # every warp of the group is past its wait before the stage is released
+            mbarrier.arrive(empty_bar.index(s), count=1)
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            if CAUSAL:
+                ds = gl.where(p == 0.0, 0.0, ds)  # P = 0 makes dS 0 whatever dP is
+            acc += ds
+        g += n_steps
+        if valid & (row0 < seqlen_q):
+            # The bias half is read for the last time above: it stages the sum for the store,
+            # which drops the rows past seqlen_q and the keys past seqlen_k.
+            bias_t.store(acc.to(bias_t.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(dbias_desc, [db, dh, row0, n0], bias_t.reshape([1, 1, HM, BN]))
+            tma.store_wait(pendings=0)
+        gl.thread_barrier()  # the store has read the buffer (and every warp is done with it) before it is released
+        mbarrier.arrive(b_empty.index(j), count=1)
+        i += 1
 
 
 # One wrapper per consumer warpgroup: WG is a literal (a flag passed through warp_specialize is
 # not a real constexpr in Gluon 3.6, see hopper.py).
 @gluon.jit
-def _dbias_consumer0(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
-                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
-    _dbias_consumer(0, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db,
-                    dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+def _dbias_consumer0(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar, empty_bar, lse_ptr,
+                     delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q, seqlen_k, qk_scale,
+                     CAUSAL: gl.constexpr):
+    _dbias_consumer(0, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar, empty_bar, lse_ptr,
+                    delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q, seqlen_k, qk_scale,
+                    CAUSAL)
 
 
 @gluon.jit
-def _dbias_consumer1(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
-                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
-    _dbias_consumer(1, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db,
-                    dh, sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+def _dbias_consumer1(dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar, empty_bar, lse_ptr,
+                     delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q, seqlen_k, qk_scale,
+                     CAUSAL: gl.constexpr):
+    _dbias_consumer(1, dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar, empty_bar, lse_ptr,
+                    delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q, seqlen_k, qk_scale,
+                    CAUSAL)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -179,31 +260,17 @@ def _hopper_attn_bwd_dbias(
     bias_desc,  # 4-D (batch or 1, heads or 1, seqlen_q, seqlen_k), broadcast dims sliced to one element; box (1, 1, 64, BN)
     dbias_desc,  # 4-D, the gradient (the bias view's shape, contiguous); box (1, 1, 64, BN)
     lse_ptr, delta_ptr,  # (batch, nheads, seqlen_q) fp32, contiguous; lse natural log
-    dbias_heads, sum_batch, sum_heads, nheads, kv_group, seqlen_q, seqlen_k, qk_scale,
-    CAUSAL: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
+    dbias_heads, dbias_slices, n_steps_all, sum_heads, nheads, kv_group, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: gl.constexpr, BIAS_BUFFERS: gl.constexpr, P_WARPS: gl.constexpr, P_REGS: gl.constexpr, C_REGS: gl.constexpr,
 ):
+    """Persistent: a grid of at most one CTA per SM walks the dbias tiles (tile pid, pid + grid,
+    ...), the ring and BIAS_BUFFERS bias buffers running on from one tile to the next."""
     HM: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
     BN: gl.constexpr = k_desc.block_type.shape[1]
-    BM: gl.constexpr = 2 * HM
-    # Key blocks fastest (the CTAs side by side read the same Q/dO rows), then query blocks, then
-    # dbias slices: a wave of CTAs covers a few query blocks of one slice, whose K/V and Q/dO
-    # stay in L2.
     n_n = (seqlen_k + BN - 1) // BN
-    n_m = (seqlen_q + BM - 1) // BM
-    pid = gl.program_id(0)
-    n0 = (pid % n_n) * BN
-    m0 = ((pid // n_n) % n_m) * BM
-    slice_id = pid // (n_n * n_m)
-    # This tile's dbias (batch, head), 0 on a summed (size-1) dim: also the first summed slice.
-    db = slice_id // dbias_heads
-    dh = slice_id % dbias_heads
-    bb = gl.minimum(db, bias_desc.shape[0] - 1)  # the bias's own coordinates (one element if broadcast)
-    bh = gl.minimum(dh, bias_desc.shape[1] - 1)
-    n_steps = sum_batch * sum_heads
-    if CAUSAL:
-        # No row of the tile sees its first key: the tile is all zeros (no Q/dO/K/V loads, no loop).
-        n_steps = gl.where(n0 <= m0 + BM - 1 + seqlen_k - seqlen_q, n_steps, 0)
+    n_m = (seqlen_q + 2 * HM - 1) // (2 * HM)
+    n_tiles = dbias_slices * n_n * n_m
 
     dtype: gl.constexpr = q_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, D], dtype)
@@ -213,16 +280,26 @@ def _hopper_attn_bwd_dbias(
     do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HM, D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
-    b_smem = gl.allocate_shared_memory(dtype, [2, HM, BN], b_layout)
-    b_bar, ready_bar, empty_bar = _stream_barriers(STAGES)  # b_bar: the bias tile, loaded once
+    b_smem = gl.allocate_shared_memory(dtype, [2 * BIAS_BUFFERS, HM, BN], b_layout)  # buffer j, warpgroup w: 2 * j + w
+    _, ready_bar, empty_bar = _stream_barriers(STAGES)
+    # Per bias buffer: ready (the producer's expect-tx, or its plain arrival for a tile with no
+    # step) and empty (one arrival per consumer warpgroup, after its store).
+    b_ready = gl.allocate_shared_memory(gl.int64, [BIAS_BUFFERS, 1], mbarrier.MBarrierLayout())
+    b_empty = gl.allocate_shared_memory(gl.int64, [BIAS_BUFFERS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(BIAS_BUFFERS):
+        mbarrier.init(b_ready.index(j), count=1)
+        mbarrier.init(b_empty.index(j), count=2)
+    fence_async_shared()
 
-    consumer_args = (dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar, empty_bar, lse_ptr, delta_ptr, db, dh,
-                     sum_heads, nheads, m0, n0, n_steps, seqlen_q, seqlen_k, qk_scale, CAUSAL)
+    consumer_args = (dbias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready, b_empty, ready_bar, empty_bar, lse_ptr,
+                     delta_ptr, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, nheads, seqlen_q, seqlen_k, qk_scale,
+                     CAUSAL)
     gl.warp_specialize([
         (_dbias_consumer0, consumer_args),
         (_dbias_consumer1, consumer_args),
-        (_dbias_producer, (q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_bar, ready_bar,
-                           empty_bar, bb, bh, db, dh, sum_heads, kv_group, m0, n0, n_steps, seqlen_q)),
+        (_dbias_producer, (q_desc, do_desc, k_desc, v_desc, bias_desc, q_smem, do_smem, k_smem, v_smem, b_smem, b_ready,
+                           b_empty, ready_bar, empty_bar, n_n, n_m, n_tiles, dbias_heads, n_steps_all, sum_heads, kv_group,
+                           seqlen_q, seqlen_k, CAUSAL)),
     ], [4, P_WARPS], [C_REGS, P_REGS])
 
 
@@ -256,7 +333,8 @@ def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     bn = block_n(head_dim)
     dbias = torch.empty(bias.shape, device=q.device, dtype=bias.dtype)
-    grid = (bias.shape[0] * bias.shape[1] * triton.cdiv(seqlen_q, BLOCK_M) * triton.cdiv(seqlen_k, bn),)
+    n_tiles = bias.shape[0] * bias.shape[1] * triton.cdiv(seqlen_q, BLOCK_M) * triton.cdiv(seqlen_k, bn)
+    grid = (min(n_tiles, _sm_count(q.device)),)
     _hopper_attn_bwd_dbias[grid](
         q_desc=_descriptor(q, HALF_M),
         do_desc=_descriptor(dout, HALF_M),
@@ -267,7 +345,8 @@ def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
         lse_ptr=lse,
         delta_ptr=delta,
         dbias_heads=bias.shape[1],
-        sum_batch=batch if bias.shape[0] == 1 else 1,
+        dbias_slices=bias.shape[0] * bias.shape[1],
+        n_steps_all=(batch if bias.shape[0] == 1 else 1) * (nheads if bias.shape[1] == 1 else 1),
         sum_heads=nheads if bias.shape[1] == 1 else 1,
         nheads=nheads,
         kv_group=nheads // nheads_k,
@@ -275,6 +354,7 @@ def hopper_dbias(q, k, v, dout, lse, delta, bias, causal, softmax_scale):
         seqlen_k=seqlen_k,
         qk_scale=float(softmax_scale) * LOG2E,
         CAUSAL=bool(causal),
+        BIAS_BUFFERS=BIAS_BUFFERS,
         **WARP_SPECIALISED,
     )
     return dbias
