@@ -1,5 +1,5 @@
-"""The Gluon Hopper bias-gradient pass (kernels/hopper_dbias.py, issue 15 item 3; EXPERIMENTAL,
-opt-in with ``TRITONFLASH_HOPPER_DBIAS=1``).
+"""The Gluon Hopper bias-gradient pass (kernels/hopper_dbias.py, issue 15 item 3; default on
+sm_90, off with ``TRITONFLASH_HOPPER_DBIAS=0``).
 
 CPU tier (the switch's own tests are test_hopper_bwd.py's, for both opt-in passes): which calls
 it takes (``hopper_dbias_supports``), and that the kernel compiles for sm_90a (stand-in driver, one
@@ -273,9 +273,9 @@ def compiled():
 @pytest.mark.skipif(ON_GPU, reason="the GPU tier runs the kernel itself")
 @pytest.mark.parametrize("case", [_case_id(c) for c in COMPILE_CASES])
 def test_compiles_for_sm90(compiled, case):
-    # 8 bytes spill in one variant (d128 fp16, bias summed over batch and heads); more would
-    # mean the three score-sized fp32 tiles of a warpgroup no longer fit.
-    assert_gluon_compiled(compiled[case], max_spill_bytes=16)
+    # Up to 24 bytes spill at d64 (the persistent loop's tile state); more would mean the three
+    # score-sized fp32 tiles of a warpgroup no longer fit.
+    assert_gluon_compiled(compiled[case], max_spill_bytes=32)
 
 
 def test_kernel_arithmetic_matches_autograd():

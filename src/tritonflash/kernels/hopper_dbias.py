@@ -1,7 +1,7 @@
-"""Hopper (sm_90) bias-gradient pass in Gluon, warp-specialised (issue 15, item 3). EXPERIMENTAL,
-opt-in: ``attn_bwd`` runs it with ``TRITONFLASH_HOPPER_DBIAS=1`` (``backward._hopper_dbias_module``)
-for the calls ``hopper_dbias_supports`` accepts; off by default until a GPU run has verified and
-timed it (docs/perf-notes.md, change 20).
+"""Hopper (sm_90) bias-gradient pass in Gluon, warp-specialised and persistent (issue 15, item
+3). ``attn_bwd`` runs it by default (``backward._hopper_dbias_module``; ``TRITONFLASH_HOPPER_DBIAS=0``
+turns it off) for the calls ``hopper_dbias_supports`` accepts: 1.1-1.9x the ``tl`` pass on an
+H200 (docs/perf-notes.md, change 20).
 
 It computes what ``backward._attn_bwd_dbias`` computes for a bias with a row dimension: dbias =
 dS = P * (dP - delta) summed over the bias's broadcast batch and head dims, P = exp(scale * q.k +
@@ -9,9 +9,9 @@ bias - lse), dP = dO V^T, delta = rowsum(dO * O); deterministically (each CTA ow
 and adds the summed slices in one order, no atomics). The ``tl`` pass holds 64 x 64 tiles (larger
 ones spill) and is bound by L2-to-SM traffic: it streams Q, dO, K and V for every summed slice.
 
-Structure (one CTA per 128 query rows x BN keys of one dbias slice; BN = 128 at d64, 64 at d128,
-where shared memory allows 2 stages):
-- a producer warp loads the CTA's bias tile once (two 64-row halves), then for every summed
+Structure (a tile is 128 query rows x BN keys of one dbias slice; BN = 128 at d64, 64 at d128,
+where shared memory allows 2 stages; one CTA per SM walks the tiles, ``_dbias_tile``):
+- a producer warp loads each tile's bias (two 64-row halves) into one of two bias buffers, then for every summed
   (batch, head) the two 64-row halves of Q and dO and the BN rows of K and V by TMA into a 2-stage
   ring (a ready barrier with expect-tx, an empty barrier with one arrival per consumer);
 - two consumer warpgroups, each owning 64 query rows, issue S = Q K^T and dP = dO V^T back to back
@@ -66,7 +66,7 @@ def _sm_count(device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
