@@ -86,6 +86,15 @@ def run_case(d, causal, bias, alibi, kpm, gqa, varlen, dtype, bias_dtype="float3
              sinks_grad=sinks)
 
 
+def backward_operands(d, gqa, dtype, seqlen_q, seqlen_k):
+    """Stand-in operands of a Gluon backward pass's compile case (never read): batch 2, 2 k/v
+    heads times ``gqa`` query heads. Returns (b, h, dtype, q, k, lse)."""
+    dt = getattr(torch, dtype)
+    b, hk = 2, 2
+    h = hk * gqa
+    return b, h, dt, torch.empty(b, seqlen_q, h, d, dtype=dt), torch.empty(b, seqlen_k, hk, d, dtype=dt), torch.empty(b, h, seqlen_q)
+
+
 def run_decode_case(d, dtype, nheads, nheads_k, seqlen_q=1, page=None, alibi=False, bias=False, window=(-1, -1), softcap=0.0,
                     causal=True, cbi=False, splits=4):
     """The decode kernel (issue 14) as flash_attn_with_kvcache launches it."""

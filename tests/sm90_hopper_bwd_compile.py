@@ -10,12 +10,7 @@ from tritonflash.kernels import hopper_bwd
 
 
 def run_case(d, causal, gqa=1, dtype="bfloat16", seqlen_q=200, seqlen_k=300, bias=None):
-    dt = getattr(torch, dtype)
-    b, hk = 2, 2
-    h = hk * gqa
-    q = torch.empty(b, seqlen_q, h, d, dtype=dt)
-    k = torch.empty(b, seqlen_k, hk, d, dtype=dt)
-    lse = torch.empty(b, h, seqlen_q)
+    b, h, dt, q, k, lse = sm90_compile.backward_operands(d, gqa, dtype, seqlen_q, seqlen_k)
     bias_t = None
     if bias:
         row = (seqlen_k + 7) // 8 * 8

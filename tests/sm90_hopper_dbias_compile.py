@@ -11,12 +11,7 @@ from tritonflash.kernels import hopper_dbias
 
 
 def run_case(d, causal, gqa=1, dtype="bfloat16", seqlen_q=200, seqlen_k=304, bias="heads"):
-    dt = getattr(torch, dtype)
-    b, hk = 2, 2
-    h = hk * gqa
-    q = torch.empty(b, seqlen_q, h, d, dtype=dt)
-    k = torch.empty(b, seqlen_k, hk, d, dtype=dt)
-    lse = torch.empty(b, h, seqlen_q)
+    b, h, dt, q, k, lse = sm90_compile.backward_operands(d, gqa, dtype, seqlen_q, seqlen_k)
     shape = {"heads": (1, h), "full": (b, h), "shared": (1, 1)}[bias] + (seqlen_q, seqlen_k)
     bias_t = torch.empty(shape, dtype=dt)
     return sm90_compile.gluon_row(lambda: hopper_dbias.hopper_dbias(q, k, k, q, lse, lse, bias_t, causal, 0.125))

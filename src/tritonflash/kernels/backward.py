@@ -459,7 +459,7 @@ HOPPER_BWD_ENV = "TRITONFLASH_HOPPER_BWD"
 HOPPER_DBIAS_ENV = "TRITONFLASH_HOPPER_DBIAS"
 
 
-def _opt_in_module(env: str, name: str, default: str = "0"):
+def _switched_module(env: str, name: str, default: str = "0"):
     """The Gluon module ``kernels/<name>.py`` when switch ``env`` is 1, else None (0: off; unset
     or empty: ``default``; anything else is a ValueError). Never under the interpreter; imported
     on first use (Gluon needs a Triton with triton.experimental.gluon)."""
@@ -474,14 +474,14 @@ def _opt_in_module(env: str, name: str, default: str = "0"):
 
 def _hopper_bwd_module():
     """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) with ``TRITONFLASH_HOPPER_BWD=1``."""
-    return _opt_in_module(HOPPER_BWD_ENV, "hopper_bwd")
+    return _switched_module(HOPPER_BWD_ENV, "hopper_bwd")
 
 
 def _hopper_dbias_module():
     """kernels/hopper_dbias.py (the Gluon bias-gradient pass): on by default (on sm_90, for the
     calls hopper_dbias_supports takes; 1.1-1.9x the tl pass on the H200, docs/perf-notes.md
     change 20); ``TRITONFLASH_HOPPER_DBIAS=0`` turns it off."""
-    return _opt_in_module(HOPPER_DBIAS_ENV, "hopper_dbias", default="1")
+    return _switched_module(HOPPER_DBIAS_ENV, "hopper_dbias", default="1")
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

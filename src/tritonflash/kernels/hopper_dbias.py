@@ -11,9 +11,10 @@ ones spill) and is bound by L2-to-SM traffic: it streams Q, dO, K and V for ever
 
 Structure (a tile is 128 query rows x BN keys of one dbias slice; BN = 128 at d64, 64 at d128,
 where shared memory allows 2 stages; one CTA per SM walks the tiles, ``_dbias_tile``):
-- a producer warp loads each tile's bias (two 64-row halves) into one of two bias buffers, then for every summed
-  (batch, head) the two 64-row halves of Q and dO and the BN rows of K and V by TMA into a 2-stage
-  ring (a ready barrier with expect-tx, an empty barrier with one arrival per consumer);
+- a producer warp loads each tile's bias (two 64-row halves) into one of two bias buffers, then
+  for every summed (batch, head) the two 64-row halves of Q and dO and the BN rows of K and V by
+  TMA into a 2-stage ring (a ready barrier with expect-tx, an empty barrier with one arrival per
+  consumer); ring and buffers run on from one tile to the next;
 - two consumer warpgroups, each owning 64 query rows, issue S = Q K^T and dP = dO V^T back to back
   (async wgmma, both operands in shared memory), compute P from S while dP runs (the bias read
   from shared memory in the accumulator layout every step), and add P * (dP - delta) to an fp32
@@ -21,8 +22,9 @@ where shared memory allows 2 stages; one CTA per SM walks the tiles, ``_dbias_ti
   the sum). Under causal masking the mask is folded into the warpgroup's bias half once, as -inf
   (which also drops a NaN or +inf bias at a hidden key), P is 0 there whatever S is and dS is 0
   wherever P is (so a NaN or inf in a hidden key's K or V does not reach the sum); a tile no row
-  sees gets zeros, no loop;
-- epilogue: the sum in the bias dtype, staged in the warpgroup's bias half, stored by TMA.
+  sees gets zeros, no loop and no bias load;
+- epilogue: the sum in the bias dtype, staged in the warpgroup's bias half, stored by TMA; the
+  buffer is released for the tile after next once the store has read it.
 
 Ragged ends. Q/dO rows past seqlen_q are zero-filled and their lse is read as +inf (delta 0), so
 P = 0 there; a 64-row half wholly past seqlen_q is neither loaded nor stored (its warpgroup
