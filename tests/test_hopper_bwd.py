@@ -180,6 +180,31 @@ def test_bias_variant_matches_reference(bwd_calls, sq, sk, bias_dims, head_dim, 
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_takes_causal_bias_calls_only(monkeypatch, head_dim):
+    """With the switch unset, the Gluon pass takes a causal call with a learned bias at
+    AUTO_BIAS_HEAD_DIMS, correctly and bit-reproducibly, and no call without a bias or
+    non-causal."""
+    monkeypatch.delenv(backward.HOPPER_BWD_ENV, raising=False)
+    calls = spy_calls(monkeypatch, hopper_bwd, "hopper_bwd_dkdv")
+    auto = head_dim in hopper_bwd.AUTO_BIAS_HEAD_DIMS
+    q, k, v = make_qkv(2, 300, 384, 4, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
+    bias = learned_bias((1, 4, 300, 384), torch.bfloat16, DEVICE)
+    out = flash_attn_func(q, k, v, bias, True)
+    dout = torch.randn_like(out)
+    check_against_reference(out, q, k, v, dout, bias=bias, causal=True)
+    assert len(calls) == int(auto)
+    grads = [torch.autograd.grad(flash_attn_func(q, k, v, bias, True), (q, k, v, bias), dout) for _ in range(2)]
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+    assert len(calls) == 3 * int(auto)
+    for bias_, causal in ((bias, False), (None, True), (None, False)):
+        flash_attn_func(q, k, v, bias_, causal).backward(dout)
+    assert len(calls) == 3 * int(auto)
+
+
+@pytest.mark.gpu
+@sm90
 def test_bias_variant_masking_biases_and_determinism(bwd_calls, monkeypatch):
     """-inf bias rows (a row with no visible key: zero gradients, no NaN), a NaN bias at a key the
     causal diagonal hides (the tl forward: the Gluon one lets it reach its row, a documented
@@ -209,11 +234,17 @@ def test_bias_variant_masking_biases_and_determinism(bwd_calls, monkeypatch):
 # CPU tier
 # --------------------------------------------------------------------------------------------
 
-# The switches of the Gluon backward passes: this dK/dV pass (opt-in) and the bias-gradient pass
-# (kernels/hopper_dbias.py, tests/test_hopper_dbias.py; on unless set to 0).
+# The switches of the Gluon backward passes: this dK/dV pass (auto: causal calls with a bias at
+# hopper_bwd.AUTO_BIAS_HEAD_DIMS) and the bias-gradient pass (kernels/hopper_dbias.py,
+# tests/test_hopper_dbias.py; on unless set to 0). The getters take the call's (causal, has
+# bias, head dim) where they need them.
+def _dkdv_getter(causal=False, has_bias=False, head_dim=64):
+    return backward._hopper_bwd_module(causal, has_bias, head_dim)
+
+
 SWITCHES = [
-    pytest.param(backward.HOPPER_BWD_ENV, "_hopper_bwd_module", hopper_bwd, id="dkdv"),
-    pytest.param(backward.HOPPER_DBIAS_ENV, "_hopper_dbias_module", hopper_dbias, id="dbias"),
+    pytest.param(backward.HOPPER_BWD_ENV, _dkdv_getter, hopper_bwd, id="dkdv"),
+    pytest.param(backward.HOPPER_DBIAS_ENV, backward._hopper_dbias_module, hopper_dbias, id="dbias"),
 ]
 DEFAULT_ON = {backward.HOPPER_BWD_ENV: False, backward.HOPPER_DBIAS_ENV: True}
 
@@ -227,21 +258,39 @@ def test_switch(monkeypatch, env, getter, module, raw, on):
     else:
         monkeypatch.setenv(env, raw)
     monkeypatch.setattr(backward, "INTERPRET", False)
-    assert (getattr(backward, getter)() is module) is on
+    assert (getter() is module) is on
+
+
+@pytest.mark.parametrize("raw", [None, "", " Auto "])
+@pytest.mark.parametrize("causal, has_bias, head_dim", [(True, True, 64), (True, True, 128), (False, True, 64),
+                                                         (True, False, 64), (False, False, 128)])
+def test_dkdv_auto_takes_causal_bias_calls(monkeypatch, raw, causal, has_bias, head_dim):
+    """The default (auto) takes causal calls with a bias at AUTO_BIAS_HEAD_DIMS and nothing else;
+    1 takes every call, 0 none (whatever hopper_bwd_supports then says)."""
+    if raw is None:
+        monkeypatch.delenv(backward.HOPPER_BWD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)
+    monkeypatch.setattr(backward, "INTERPRET", False)
+    expected = causal and has_bias and head_dim in hopper_bwd.AUTO_BIAS_HEAD_DIMS
+    assert (backward._hopper_bwd_module(causal, has_bias, head_dim) is hopper_bwd) is expected
+    for raw, on in (("1", True), ("0", False)):
+        monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)
+        assert (backward._hopper_bwd_module(causal, has_bias, head_dim) is hopper_bwd) is on
 
 
 @pytest.mark.parametrize("env, getter, module", SWITCHES)
 def test_switch_refuses_other_values(monkeypatch, env, getter, module):
     monkeypatch.setenv(env, "yes")
     with pytest.raises(ValueError, match=env):
-        getattr(backward, getter)()
+        getter()
 
 
 @pytest.mark.parametrize("env, getter, module", SWITCHES)
 def test_off_under_the_interpreter(monkeypatch, env, getter, module):
     monkeypatch.setenv(env, "1")
     monkeypatch.setattr(backward, "INTERPRET", True)
-    assert getattr(backward, getter)() is None
+    assert getter() is None
 
 
 def _call(b=2, sq=200, sk=300, h=4, hk=2, d=128, dtype=torch.bfloat16, **over):

@@ -412,7 +412,7 @@ def attn_bwd(
     def grid_dq(m):
         return (triton.cdiv(seqlen_q, m["BLOCK_M"]) * batch * nheads,)
 
-    hopper_bwd = _hopper_bwd_module()
+    hopper_bwd = _hopper_bwd_module(causal, bias is not None, q.shape[-1])
     # The Gluon dK/dV pass writes no key sums: a gradient of a bias without rows stays with tl.
     if hopper_bwd is not None and dbias_cols is None and hopper_bwd.hopper_bwd_supports(
             q, k, v, dout, dk, dv, lse, bias, alibi_slopes, key_padding_mask, causal, softmax_scale, varlen, features):
@@ -459,12 +459,11 @@ HOPPER_BWD_ENV = "TRITONFLASH_HOPPER_BWD"
 HOPPER_DBIAS_ENV = "TRITONFLASH_HOPPER_DBIAS"
 
 
-def _switched_module(env: str, name: str, default: str = "0"):
-    """The Gluon module ``kernels/<name>.py`` when switch ``env`` is 1, else None (0: off; unset
-    or empty: ``default``; anything else is a ValueError). Never under the interpreter; imported
-    on first use (Gluon needs a Triton with triton.experimental.gluon)."""
-    mode = env_mode(env, ("0", "1"), default)
-    if INTERPRET or mode == "0":
+def _gluon_module(name: str, on: bool):
+    """The Gluon module ``kernels/<name>.py`` when ``on``, else None. Never under the interpreter,
+    None where Gluon cannot be imported; imported on first use (Gluon needs a Triton with
+    triton.experimental.gluon)."""
+    if INTERPRET or not on:
         return None
     try:
         return importlib.import_module(f".{name}", __package__)
@@ -472,16 +471,27 @@ def _switched_module(env: str, name: str, default: str = "0"):
         return None
 
 
-def _hopper_bwd_module():
-    """kernels/hopper_bwd.py (the Gluon dK/dV pass, EXPERIMENTAL) with ``TRITONFLASH_HOPPER_BWD=1``."""
-    return _switched_module(HOPPER_BWD_ENV, "hopper_bwd")
+def _hopper_bwd_module(causal: bool, has_bias: bool, head_dim: int):
+    """kernels/hopper_bwd.py (the Gluon dK/dV pass) when ``TRITONFLASH_HOPPER_BWD`` lets it take a
+    call like this one (read per call; case and surrounding spaces ignored, anything else is a
+    ValueError): unset, empty or ``auto``, the default: causal calls with a bias at the head dims
+    of ``hopper_bwd.AUTO_BIAS_HEAD_DIMS`` (its BIAS variant, measured faster than the tl pass
+    there, docs/perf-notes.md change 21); ``1``: every call it covers (without a bias it is at
+    parity with the tl pass, non-causal with a bias slower); ``0``: never.
+    ``hopper_bwd.hopper_bwd_supports`` still decides whether it covers the call."""
+    mode = env_mode(HOPPER_BWD_ENV, ("0", "1", "auto"), "auto")
+    module = _gluon_module("hopper_bwd", mode != "0")
+    if module is not None and mode == "auto" and not (causal and has_bias and head_dim in module.AUTO_BIAS_HEAD_DIMS):
+        return None
+    return module
 
 
 def _hopper_dbias_module():
     """kernels/hopper_dbias.py (the Gluon bias-gradient pass): on by default (on sm_90, for the
     calls hopper_dbias_supports takes; 1.1-1.9x the tl pass on the H200, docs/perf-notes.md
-    change 20); ``TRITONFLASH_HOPPER_DBIAS=0`` turns it off."""
-    return _switched_module(HOPPER_DBIAS_ENV, "hopper_dbias", default="1")
+    change 20); ``TRITONFLASH_HOPPER_DBIAS=0`` turns it off (``1`` or unset: on; anything else is
+    a ValueError)."""
+    return _gluon_module("hopper_dbias", env_mode(HOPPER_DBIAS_ENV, ("0", "1"), "1") == "1")
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):
