@@ -181,26 +181,27 @@ def test_bias_variant_matches_reference(bwd_calls, sq, sk, bias_dims, head_dim, 
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_default_takes_causal_bias_calls_only(monkeypatch, head_dim):
-    """With the switch unset, the Gluon pass takes a causal call with a learned bias at
-    AUTO_BIAS_HEAD_DIMS, correctly and bit-reproducibly, and no call without a bias or
-    non-causal."""
+def test_default_takes_the_bias_calls_of_auto_bias(monkeypatch, head_dim):
+    """With the switch unset, the Gluon pass takes a causal call with a learned bias (AUTO_BIAS:
+    d64 and d128), correctly and bit-reproducibly; non-causal with a bias only at d128; no call
+    without a bias."""
     monkeypatch.delenv(backward.HOPPER_BWD_ENV, raising=False)
     calls = spy_calls(monkeypatch, hopper_bwd, "hopper_bwd_dkdv")
-    auto = head_dim in hopper_bwd.AUTO_BIAS_HEAD_DIMS
     q, k, v = make_qkv(2, 300, 384, 4, head_dim, torch.bfloat16, DEVICE, nheads_k=2)
     bias = learned_bias((1, 4, 300, 384), torch.bfloat16, DEVICE)
     out = flash_attn_func(q, k, v, bias, True)
     dout = torch.randn_like(out)
     check_against_reference(out, q, k, v, dout, bias=bias, causal=True)
-    assert len(calls) == int(auto)
+    assert len(calls) == 1
     grads = [torch.autograd.grad(flash_attn_func(q, k, v, bias, True), (q, k, v, bias), dout) for _ in range(2)]
     for a, b_ in zip(*grads):
         assert torch.equal(a, b_)
-    assert len(calls) == 3 * int(auto)
-    for bias_, causal in ((bias, False), (None, True), (None, False)):
-        flash_attn_func(q, k, v, bias_, causal).backward(dout)
-    assert len(calls) == 3 * int(auto)
+    assert len(calls) == 3
+    flash_attn_func(q, k, v, bias, False).backward(dout)
+    assert len(calls) == 3 + (head_dim == 128)
+    for causal in (True, False):
+        flash_attn_func(q, k, v, None, causal).backward(dout)
+    assert len(calls) == 3 + (head_dim == 128)
 
 
 @pytest.mark.gpu
@@ -234,8 +235,8 @@ def test_bias_variant_masking_biases_and_determinism(bwd_calls, monkeypatch):
 # CPU tier
 # --------------------------------------------------------------------------------------------
 
-# The switches of the Gluon backward passes: this dK/dV pass (auto: causal calls with a bias at
-# hopper_bwd.AUTO_BIAS_HEAD_DIMS) and the bias-gradient pass (kernels/hopper_dbias.py,
+# The switches of the Gluon backward passes: this dK/dV pass (auto: calls with a bias whose
+# (head dim, causal) is in hopper_bwd.AUTO_BIAS) and the bias-gradient pass (kernels/hopper_dbias.py,
 # tests/test_hopper_dbias.py; on unless set to 0). The getters take the call's (causal, has
 # bias, head dim) where they need them.
 def _dkdv_getter(causal=False, has_bias=False, head_dim=64):
@@ -263,16 +264,17 @@ def test_switch(monkeypatch, env, getter, module, raw, on):
 
 @pytest.mark.parametrize("raw", [None, "", " Auto "])
 @pytest.mark.parametrize("causal, has_bias, head_dim", [(True, True, 64), (True, True, 128), (False, True, 64),
-                                                         (True, False, 64), (False, False, 128)])
-def test_dkdv_auto_takes_causal_bias_calls(monkeypatch, raw, causal, has_bias, head_dim):
-    """The default (auto) takes causal calls with a bias at AUTO_BIAS_HEAD_DIMS and nothing else;
-    1 takes every call, 0 none (whatever hopper_bwd_supports then says)."""
+                                                         (False, True, 128), (True, False, 64), (False, False, 128)])
+def test_dkdv_auto_takes_bias_calls_where_faster(monkeypatch, raw, causal, has_bias, head_dim):
+    """The default (auto) takes the calls with a bias that AUTO_BIAS lists (causal d64, d128) and
+    nothing else; 1 takes every call, 0 none (whatever hopper_bwd_supports then says)."""
     if raw is None:
         monkeypatch.delenv(backward.HOPPER_BWD_ENV, raising=False)
     else:
         monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)
     monkeypatch.setattr(backward, "INTERPRET", False)
-    expected = causal and has_bias and head_dim in hopper_bwd.AUTO_BIAS_HEAD_DIMS
+    assert hopper_bwd.AUTO_BIAS == {(64, True), (128, True), (128, False)}
+    expected = has_bias and (head_dim, causal) in hopper_bwd.AUTO_BIAS
     assert (backward._hopper_bwd_module(causal, has_bias, head_dim) is hopper_bwd) is expected
     for raw, on in (("1", True), ("0", False)):
         monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)

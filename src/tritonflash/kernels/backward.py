@@ -474,14 +474,14 @@ def _gluon_module(name: str, on: bool):
 def _hopper_bwd_module(causal: bool, has_bias: bool, head_dim: int):
     """kernels/hopper_bwd.py (the Gluon dK/dV pass) when ``TRITONFLASH_HOPPER_BWD`` lets it take a
     call like this one (read per call; case and surrounding spaces ignored, anything else is a
-    ValueError): unset, empty or ``auto``, the default: causal calls with a bias at the head dims
-    of ``hopper_bwd.AUTO_BIAS_HEAD_DIMS`` (its BIAS variant, measured faster than the tl pass
+    ValueError): unset, empty or ``auto``, the default: calls with a bias whose (head dim,
+    causal) is in ``hopper_bwd.AUTO_BIAS`` (its BIAS variant, measured faster than the tl pass
     there, docs/perf-notes.md change 21); ``1``: every call it covers (without a bias it is at
-    parity with the tl pass, non-causal with a bias slower); ``0``: never.
+    parity with the tl pass, non-causal d64 with a bias slower); ``0``: never.
     ``hopper_bwd.hopper_bwd_supports`` still decides whether it covers the call."""
     mode = env_mode(HOPPER_BWD_ENV, ("0", "1", "auto"), "auto")
     module = _gluon_module("hopper_bwd", mode != "0")
-    if module is not None and mode == "auto" and not (causal and has_bias and head_dim in module.AUTO_BIAS_HEAD_DIMS):
+    if module is not None and mode == "auto" and not (has_bias and (head_dim, bool(causal)) in module.AUTO_BIAS):
         return None
     return module
 

@@ -50,11 +50,12 @@ HALF_N = 64  # keys per consumer warpgroup
 BLOCK_M = 64  # query rows per step
 STAGES = gl.constexpr(2)
 HEAD_DIMS = (64, 128)
-# Where attn_bwd takes this pass by default (TRITONFLASH_HOPPER_BWD unset or auto): causal calls
-# with a bias (the BIAS variant) at these head dims, where it measured faster than the tl pass on
-# an H200 (docs/perf-notes.md, change 21). Without a bias it is at parity (change 16), and
-# non-causal with a bias slower (change 20): those calls take it with TRITONFLASH_HOPPER_BWD=1.
-AUTO_BIAS_HEAD_DIMS = (64,)
+# Where attn_bwd takes this pass by default (TRITONFLASH_HOPPER_BWD unset or auto): calls with a
+# bias (the BIAS variant) whose (head dim, causal) is in this set, where it measured faster than
+# the tl pass on an H200 (docs/perf-notes.md, change 21: 2-12% on the whole backward). Without a
+# bias it is at parity (change 16), and non-causal d64 with a bias 1-2% slower: those calls take
+# it with TRITONFLASH_HOPPER_BWD=1.
+AUTO_BIAS = frozenset({(64, True), (128, True), (128, False)})
 
 
 @gluon.jit
