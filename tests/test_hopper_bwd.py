@@ -1,11 +1,11 @@
-"""The Gluon Hopper dK/dV pass (kernels/hopper_bwd.py, issue 15 item 2; EXPERIMENTAL, opt-in with
-``TRITONFLASH_HOPPER_BWD=1``).
+"""The Gluon Hopper dK/dV pass (kernels/hopper_bwd.py, issue 15 item 2; by default for the calls
+with a bias in ``hopper_bwd.AUTO_BIAS``, for every call it covers with ``TRITONFLASH_HOPPER_BWD=1``).
 
-CPU tier: the switch's values, that it stays off under the interpreter, and that the kernel
-compiles for sm_90a (stand-in driver, one subprocess for every variant) within shared memory,
-with async wgmma and no serialised wgmma. GPU tier (sm_90 only): flash_attn_func's gradients
-with the switch on against the reference (docs/testing.md's rule), a spy asserting the Gluon
-pass ran, and bitwise-equal gradients from two runs. The GPU smoke tests come first (a barrier
+CPU tier: the switch's values (auto, 1, 0), that it stays off under the interpreter, and that
+the kernel compiles for sm_90a (stand-in driver, one subprocess for every variant) within shared
+memory, with async wgmma and no serialised wgmma. GPU tier (sm_90 only): flash_attn_func's
+gradients with the switch on against the reference (docs/testing.md's rule), a spy asserting
+the Gluon pass ran, bitwise-equal gradients from two runs, and the default's dispatch. The GPU smoke tests come first (a barrier
 hang shows early; run the file under `timeout`).
 """
 

@@ -1,14 +1,15 @@
-"""Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). Opt-in:
-``attn_bwd`` runs it with ``TRITONFLASH_HOPPER_BWD=1`` (``backward._hopper_bwd_module``); off by
-default, because on an H200 it measured at parity with the ``tl`` pass, not faster
-(docs/perf-notes.md, change 16). Verified there without a bias: tests/test_hopper_bwd.py, 62
-tests at the time; the BIAS variant's tests have not run on a GPU yet.
+"""Hopper (sm_90) dK/dV pass in Gluon, warp-specialised (issue 15, item 2). ``attn_bwd`` runs it
+(``backward._hopper_bwd_module``) by default for the calls with a bias that ``AUTO_BIAS`` lists
+(causal at d64, every one at d128: its BIAS variant measured 2-12% faster on the whole backward
+than the ``tl`` pass on an H200, docs/perf-notes.md change 21), and for every call it covers with
+``TRITONFLASH_HOPPER_BWD=1``; without a bias it measured at parity with the ``tl`` pass (change
+16), so those calls keep the ``tl`` pass by default. Verified on an H200 with and without a bias:
+tests/test_hopper_bwd.py.
 
 It computes what ``backward._attn_bwd_dkdv`` computes for the calls ``hopper_bwd_supports``
 accepts (no ALiBi, key padding, varlen or score feature; no bias, or a 16-bit one with rows in
-the BIAS variant, which is not yet run on a GPU: docs/perf-notes.md, change 20),
-deterministically (each CTA owns its dK/dV rows, no atomics, one query order); dQ stays with
-the ``tl`` pass.
+the BIAS variant), deterministically (each CTA owns its dK/dV rows, no atomics, one query
+order); dQ stays with the ``tl`` pass.
 
 Structure (one CTA per 128 keys of one (batch, kv head)):
 - a producer partition (1 warp) loads the two 64-key halves of K and V once, then for every
