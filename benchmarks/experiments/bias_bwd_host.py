@@ -7,12 +7,13 @@ its gradient) and switch value: host microseconds of one ``attn_bwd`` (perf_coun
 calls, no synchronisation inside), GPU milliseconds of it under a CUDA graph, and the
 protocol's number (``do_bench`` median of forward + backward through ``flash_attn_func``).
 
-    PYTHONPATH=src python benchmarks/experiments/bias_bwd_host.py
+    PYTHONPATH=src python benchmarks/experiments/bias_bwd_host.py [--causal-only]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -60,7 +61,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     torch.manual_seed(0)
     for shape in SHAPES:
-        measure(*shape)
+        if shape[-1] or "--causal-only" not in sys.argv[1:]:
+            measure(*shape)
 
 
 if __name__ == "__main__":
