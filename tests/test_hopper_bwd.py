@@ -276,8 +276,8 @@ def test_dkdv_auto_takes_bias_calls_where_faster(monkeypatch, raw, causal, has_b
     assert hopper_bwd.AUTO_BIAS == {(64, True), (128, True), (128, False)}
     expected = has_bias and (head_dim, causal) in hopper_bwd.AUTO_BIAS
     assert (backward._hopper_bwd_module(causal, has_bias, head_dim) is hopper_bwd) is expected
-    for raw, on in (("1", True), ("0", False)):
-        monkeypatch.setenv(backward.HOPPER_BWD_ENV, raw)
+    for forced, on in (("1", True), ("0", False)):
+        monkeypatch.setenv(backward.HOPPER_BWD_ENV, forced)
         assert (backward._hopper_bwd_module(causal, has_bias, head_dim) is hopper_bwd) is on
 
 

@@ -1,7 +1,7 @@
 """The Gluon Hopper bias-gradient pass (kernels/hopper_dbias.py, issue 15 item 3; default on
 sm_90, off with ``TRITONFLASH_HOPPER_DBIAS=0``).
 
-CPU tier (the switch's own tests are test_hopper_bwd.py's, for both opt-in passes): which calls
+CPU tier (the switch's own tests are test_hopper_bwd.py's, for both Gluon backward passes): which calls
 it takes (``hopper_dbias_supports``), and that the kernel compiles for sm_90a (stand-in driver, one
 subprocess for every variant) within shared memory, with async wgmma that ptxas did not
 serialise. GPU tier (sm_90 only): flash_attn_func's gradients with the switch on against the

@@ -1,5 +1,5 @@
 """Host cost against GPU time of a learned-bias backward with the Gluon dK/dV pass (the default of
-``TRITONFLASH_HOPPER_BWD`` for causal calls with a bias) and without it (``=0``, the tl pass),
+``TRITONFLASH_HOPPER_BWD`` for the calls with a bias in ``hopper_bwd.AUTO_BIAS``) and without it (``=0``, the tl pass),
 on an sm_90 GPU: is a short call host-bound, and does the Gluon launch add host time?
 
 For each shape (the bias_grad suite's: d64, 32 heads, 16k tokens, a (1, h, s, s) bf16 bias with

@@ -3,8 +3,8 @@
 graph, and the largest dK/dV difference between the two. Without ``--bias``: d128, b*s = 16k
 tokens, 16 heads. With ``--bias``: a learned (1, h, s, s) bf16 bias with its gradient (the
 Gluon dbias pass in both columns), b*s = 16k, d64 with 32 heads (the bias_grad suite's shape)
-and d128 with 16 heads, which is how the default of ``TRITONFLASH_HOPPER_BWD`` (auto: causal
-calls with a bias) was chosen.
+and d128 with 16 heads, which is how the default of ``TRITONFLASH_HOPPER_BWD`` (auto: the calls
+with a bias in ``hopper_bwd.AUTO_BIAS``) was chosen.
 
     PYTHONPATH=src python benchmarks/experiments/hopper_bwd_time.py [--bias]
 """
