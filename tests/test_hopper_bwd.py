@@ -5,8 +5,8 @@ CPU tier: the switch's values (auto, 1, 0), that it stays off under the interpre
 the kernel compiles for sm_90a (stand-in driver, one subprocess for every variant) within shared
 memory, with async wgmma and no serialised wgmma. GPU tier (sm_90 only): flash_attn_func's
 gradients with the switch on against the reference (docs/testing.md's rule), a spy asserting
-the Gluon pass ran, bitwise-equal gradients from two runs, and the default's dispatch. The GPU smoke tests come first (a barrier
-hang shows early; run the file under `timeout`).
+the Gluon pass ran, bitwise-equal gradients from two runs, and the default's dispatch. The GPU
+smoke tests come first (a barrier hang shows early; run the file under `timeout`).
 """
 
 from __future__ import annotations

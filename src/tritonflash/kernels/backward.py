@@ -15,8 +15,6 @@ the block ranges from ``common.py``.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +56,7 @@ from .configs import (
     Launcher,
     env_mode,
     even_m,
+    gluon_module,
     prune_bwd_dbias,
     prune_bwd_dkdv,
     prune_bwd_dq,
@@ -459,18 +458,6 @@ HOPPER_BWD_ENV = "TRITONFLASH_HOPPER_BWD"
 HOPPER_DBIAS_ENV = "TRITONFLASH_HOPPER_DBIAS"
 
 
-def _gluon_module(name: str, on: bool):
-    """The Gluon module ``kernels/<name>.py`` when ``on``, else None. Never under the interpreter,
-    None where Gluon cannot be imported; imported on first use (Gluon needs a Triton with
-    triton.experimental.gluon)."""
-    if INTERPRET or not on:
-        return None
-    try:
-        return importlib.import_module(f".{name}", __package__)
-    except ImportError:
-        return None
-
-
 def _hopper_bwd_module(causal: bool, has_bias: bool, head_dim: int):
     """kernels/hopper_bwd.py (the Gluon dK/dV pass) when ``TRITONFLASH_HOPPER_BWD`` lets it take a
     call like this one (read per call; case and surrounding spaces ignored, anything else is a
@@ -480,7 +467,7 @@ def _hopper_bwd_module(causal: bool, has_bias: bool, head_dim: int):
     parity with the tl pass, non-causal d64 with a bias slower); ``0``: never.
     ``hopper_bwd.hopper_bwd_supports`` still decides whether it covers the call."""
     mode = env_mode(HOPPER_BWD_ENV, ("0", "1", "auto"), "auto")
-    module = _gluon_module("hopper_bwd", mode != "0")
+    module = gluon_module("hopper_bwd", mode != "0" and not INTERPRET)
     if module is not None and mode == "auto" and not (has_bias and (head_dim, bool(causal)) in module.AUTO_BIAS):
         return None
     return module
@@ -491,7 +478,7 @@ def _hopper_dbias_module():
     calls hopper_dbias_supports takes; 1.1-1.9x the tl pass on the H200, docs/perf-notes.md
     change 20); ``TRITONFLASH_HOPPER_DBIAS=0`` turns it off (``1`` or unset: on; anything else is
     a ValueError)."""
-    return _gluon_module("hopper_dbias", env_mode(HOPPER_DBIAS_ENV, ("0", "1"), "1") == "1")
+    return gluon_module("hopper_dbias", env_mode(HOPPER_DBIAS_ENV, ("0", "1"), "1") == "1" and not INTERPRET)
 
 
 def sinks_gradient(sinks, lse, delta, is_varlen):

@@ -13,6 +13,7 @@ tier fast.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -39,6 +40,19 @@ AUTOTUNE = os.environ.get("TRITONFLASH_AUTOTUNE", "0") == "1" and not INTERPRET
 FWD_KEY = ["VAR", "tune_bucket"]
 BWD_KEY = FWD_KEY + ["DBIAS_COLS"]
 DBIAS_KEY = FWD_KEY + ["SUM_KEYS"]
+
+
+def gluon_module(name: str, on: bool):
+    """The Gluon module ``kernels/<name>.py`` when ``on`` (the caller's switch, and never under
+    the interpreter: the caller checks its INTERPRET), else None; None too where Gluon cannot be
+    imported. Imported on first use, so that ``import tritonflash`` does not need a Triton with
+    triton.experimental.gluon."""
+    if not on:
+        return None
+    try:
+        return importlib.import_module(f".{name}", __package__)
+    except ImportError:
+        return None
 
 
 def seq_bucket(seqlen_q, seqlen_k):

@@ -31,7 +31,7 @@ from .common import (
     launch_meta,
     problem,
 )
-from .configs import FWD_CONFIGS, FWD_KEY, INTERPRET, Launcher, env_mode, prune_fwd, seq_bucket
+from .configs import FWD_CONFIGS, FWD_KEY, INTERPRET, Launcher, env_mode, gluon_module, prune_fwd, seq_bucket
 
 
 @triton.jit
@@ -149,13 +149,8 @@ def _hopper_module(head_dim: int):
     interpreter, None where Gluon cannot be imported. Imported on first use, so that
     ``import tritonflash`` does not need Gluon."""
     mode = env_mode(HOPPER_ENV, ("0", "1", "auto"), "auto")
-    if INTERPRET or mode == "0":
-        return None
-    try:
-        from . import hopper
-    except ImportError:
-        return None
-    if mode == "auto" and head_dim not in hopper.DEFAULT_HEAD_DIMS:
+    hopper = gluon_module("hopper", mode != "0" and not INTERPRET)
+    if hopper is not None and mode == "auto" and head_dim not in hopper.DEFAULT_HEAD_DIMS:
         return None
     return hopper
 
